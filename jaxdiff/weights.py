@@ -1,0 +1,410 @@
+"""Published weight folders → Flax parameter trees (and back), without torch.
+
+A diffusers/transformers folder holds `config.json` and either PyTorch-layout `*.safetensors`
+(`diffusion_pytorch_model[.fp16].safetensors`, `model.safetensors`, sharded with an
+`*.index.json`) or the old Flax `*.msgpack`. Our Flax modules use the parameter names of the
+diffusers/transformers Flax ports, so:
+
+* msgpack trees load as they are (after an optional rename of old names);
+* PyTorch names map by rule: ``down_blocks.0.resnets.1.conv1.weight`` →
+  ``down_blocks_0/resnets_1/conv1/kernel`` (or ``layers/0`` where the module nests a list as a
+  collection), conv weights ``(O, I, kh, kw)`` → kernels ``(kh, kw, I, O)``, linear ``(O, I)`` →
+  ``(I, O)``, norm ``weight`` → ``scale``, embedding ``weight`` → ``embedding``.
+
+Every leaf is checked against the module's own parameter shapes (``jax.eval_shape`` of
+``module.init``); unused and missing names are reported with the file they came from.
+Tensors are read one at a time from memory-mapped files, so loading needs little more host
+memory than the parameters themselves.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from jaxdiff.errors import JaxdiffError
+
+Params = dict  # nested dict of arrays: the Flax 'params' collection
+Rename = Callable[[str], str]
+
+SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+MSGPACK_NAMES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")
+TORCH_PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+# ModuleList attributes in diffusers/transformers: their numeric children join with "_" in Flax
+# (``down_blocks.0`` ↔ ``down_blocks_0``); used when exporting back to PyTorch names.
+TORCH_LIST_NAMES = frozenset({
+    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+    "transformer_blocks", "to_out", "net", "layers",
+})
+
+
+# --------------------------------------------------------------------------------------------
+# Folders and configs
+# --------------------------------------------------------------------------------------------
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise JaxdiffError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxdiffError(f"{path} is not valid JSON ({e}); re-download or re-save the folder") from None
+
+
+def model_folder(folder: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """The folder holding `config.json`: `folder` itself, or `folder/subfolder` of a pipeline."""
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise JaxdiffError(f"model folder {root} does not exist")
+    if not root.is_dir():
+        raise JaxdiffError(f"{root} is not a folder; pass the folder that holds config.json")
+    if (root / "config.json").is_file():
+        return root
+    if subfolder and (root / subfolder / "config.json").is_file():
+        return root / subfolder
+    where = f"{root}/config.json" + (f" or {root}/{subfolder}/config.json" if subfolder else "")
+    raise JaxdiffError(f"no {where}: not a diffusers/transformers model folder")
+
+
+def read_config(folder: str | os.PathLike, subfolder: str | None = None,
+                expect_class: Iterable[str] | str | None = None) -> tuple[Path, dict]:
+    """(resolved folder, config dict). `expect_class` checks diffusers' `_class_name`
+    (a `Flax` prefix is accepted) or transformers' `architectures`/`model_type`."""
+    path = model_folder(folder, subfolder)
+    config = read_json(path / "config.json")
+    if expect_class is not None:
+        wanted = {expect_class} if isinstance(expect_class, str) else set(expect_class)
+        names = set(config.get("architectures") or [])
+        for key in ("_class_name", "model_type"):
+            if config.get(key):
+                names.add(str(config[key]))
+        names |= {n[len("Flax"):] for n in names if n.startswith("Flax")}
+        if names and not names & wanted:
+            found = ", ".join(sorted(names))
+            raise JaxdiffError(
+                f"{path} holds a {found}, not a {' / '.join(sorted(wanted))}; "
+                f"point to a folder with the right model")
+    return path, config
+
+
+def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight files of a model folder: safetensors (sharded or not, optional `variant`
+    such as "fp16"), else Flax msgpack. A folder with only a torch pickle gets a clear error."""
+    folder = Path(folder)
+    names = list(SAFETENSORS_NAMES)
+    if variant:
+        names = [n.replace(".safetensors", f".{variant}.safetensors") for n in names] + names
+    for name in names:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing or not shards:
+                raise JaxdiffError(f"{index} names shard {missing[0] if missing else '(none)'} "
+                                   "that is not in the folder; re-download the model")
+            return [folder / s for s in shards]
+    for name in MSGPACK_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+    for name in TORCH_PICKLE_NAMES:
+        if (folder / name).is_file():
+            raise JaxdiffError(
+                f"{folder / name} is a torch pickle, which jaxdiff does not read; convert it to "
+                "safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
+    raise JaxdiffError(
+        f"no weights in {folder}: expected one of {', '.join(SAFETENSORS_NAMES + MSGPACK_NAMES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tensors
+# --------------------------------------------------------------------------------------------
+
+def _safetensors_dtypes() -> dict:
+    import ml_dtypes  # a dependency of jax
+
+    return {
+        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
+
+
+def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs of a safetensors file, each a read-only view of a memory map."""
+    path = Path(path)
+    dtypes = _safetensors_dtypes()
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise JaxdiffError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len \
+        else np.zeros((0,), np.uint8)
+    for name, info in header.items():
+        try:
+            dtype = dtypes[info["dtype"]]
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except KeyError as e:
+            raise JaxdiffError(f"{path}: tensor {name!r} has an unsupported or missing {e}") from None
+        count = int(np.prod(shape)) if shape else 1
+        if end - start != count * np.dtype(dtype).itemsize or end > len(data):
+            raise JaxdiffError(f"{path}: tensor {name!r} is truncated or corrupt; re-download the file")
+        yield name, data[start:end].view(dtype).reshape(shape)
+
+
+def read_msgpack(path: str | os.PathLike) -> dict:
+    """A Flax msgpack checkpoint as a nested dict of numpy arrays."""
+    from flax.serialization import msgpack_restore
+
+    try:
+        tree = msgpack_restore(Path(path).read_bytes())
+    except Exception as e:  # msgpack raises many types for a bad file
+        raise JaxdiffError(f"{path} is not a valid Flax msgpack file ({type(e).__name__}); re-download it") from None
+    if not isinstance(tree, dict):
+        raise JaxdiffError(f"{path} does not hold a parameter tree")
+    return tree
+
+
+# --------------------------------------------------------------------------------------------
+# Name mapping
+# --------------------------------------------------------------------------------------------
+
+def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def unflatten(flat: Mapping[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _candidate_paths(torch_key: str) -> Iterator[tuple[str, ...]]:
+    """Flax paths a PyTorch name can take: each numeric part either joins the name before it
+    (``down_blocks.0`` → ``down_blocks_0``) or stands alone (``layers.0`` → ``layers/0``)."""
+    parts = torch_key.split(".")
+    numeric = [i for i, p in enumerate(parts) if p.isdigit() and i > 0]
+    for joins in itertools.product((True, False), repeat=len(numeric)):
+        join = dict(zip(numeric, joins))
+        path: list[str] = []
+        for i, p in enumerate(parts):
+            if join.get(i):
+                path[-1] = f"{path[-1]}_{p}"
+            else:
+                path.append(p)
+        leaf = path[-1]
+        if leaf == "weight":
+            for alt in ("kernel", "scale", "embedding", "weight"):
+                yield tuple(path[:-1]) + (alt,)
+        elif leaf == "gamma":
+            yield tuple(path[:-1]) + ("scale",)
+        elif leaf == "beta":
+            yield tuple(path[:-1]) + ("bias",)
+        else:
+            yield tuple(path)
+
+
+def torch_to_flax_array(value: np.ndarray, flax_leaf: str, target_shape: tuple) -> np.ndarray:
+    """Re-lay a PyTorch tensor for a Flax leaf: conv and linear kernels are transposed."""
+    if flax_leaf == "kernel":
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        elif value.ndim == 3:
+            value = value.transpose(2, 1, 0)
+        elif value.ndim == 2:
+            value = value.T
+        if value.ndim == 4 and len(target_shape) == 2 and value.shape[:2] == (1, 1):
+            value = value[0, 0]  # a 1×1 conv stored where we use a Dense
+        elif value.ndim == 2 and len(target_shape) == 4 and target_shape[:2] == (1, 1):
+            value = value[None, None]  # a Linear stored where we use a 1×1 conv
+    return value
+
+
+def flax_to_torch_array(value: np.ndarray, flax_leaf: str) -> np.ndarray:
+    if flax_leaf == "kernel":
+        if value.ndim == 4:
+            return value.transpose(3, 2, 0, 1)
+        if value.ndim == 3:
+            return value.transpose(2, 1, 0)
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def _shape_of(x) -> tuple:
+    return tuple(getattr(x, "shape", ()))
+
+
+def _dtype_of(x, default):
+    return getattr(x, "dtype", default)
+
+
+def _cast(value: np.ndarray, dtype) -> np.ndarray:
+    return np.ascontiguousarray(value, dtype=dtype)
+
+
+def torch_state_to_flax(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    template: Mapping,
+    *,
+    source: str,
+    rename: Rename | None = None,
+    ignore: Callable[[str], bool] | None = None,
+    dtype=None,
+) -> Params:
+    """Map (PyTorch name, array) pairs onto `template` (a nested dict of shapes: the Flax
+    'params' collection, e.g. from ``jax.eval_shape``). Names for which `ignore` is true
+    (buffers such as ``position_ids``) are skipped; every template leaf must be filled."""
+    flat_template = flatten(template)
+    filled: dict[tuple, np.ndarray] = {}
+    unused: list[str] = []
+    for key, value in tensors:
+        key = rename(key) if rename else key
+        if ignore and ignore(key):
+            continue
+        path = next((p for p in _candidate_paths(key) if p in flat_template), None)
+        if path is None:
+            unused.append(key)
+            continue
+        want = _shape_of(flat_template[path])
+        array = torch_to_flax_array(value, path[-1], want)
+        if tuple(array.shape) != want:
+            raise JaxdiffError(
+                f"{source}: parameter {key!r} has shape {tuple(value.shape)}, but the model built "
+                f"from config.json expects {want} for {'/'.join(path)}; the weights do not match "
+                f"the config")
+        filled[path] = _cast(array, dtype or _dtype_of(flat_template[path], np.float32))
+    _report(source, flat_template, filled, unused)
+    return unflatten(filled)
+
+
+def flax_tree_to_flax(tree: Mapping, template: Mapping, *, source: str,
+                      rename: Rename | None = None, dtype=None) -> Params:
+    """Check (and optionally rename, as '/'-joined paths) a Flax msgpack tree against `template`."""
+    flat_template = flatten(template)
+    filled: dict[tuple, np.ndarray] = {}
+    unused: list[str] = []
+    for path, value in flatten(tree).items():
+        name = "/".join(path)
+        if rename:
+            name = rename(name)
+            path = tuple(name.split("/"))
+        if path not in flat_template:
+            unused.append(name)
+            continue
+        want = _shape_of(flat_template[path])
+        if tuple(np.shape(value)) != want:
+            raise JaxdiffError(
+                f"{source}: parameter {name!r} has shape {tuple(np.shape(value))}, but the model "
+                f"built from config.json expects {want}; the weights do not match the config")
+        filled[path] = _cast(np.asarray(value), dtype or _dtype_of(flat_template[path], np.float32))
+    _report(source, flat_template, filled, unused)
+    return unflatten(filled)
+
+
+def _report(source: str, flat_template: Mapping, filled: Mapping, unused: list[str]) -> None:
+    missing = ["/".join(p) for p in flat_template if p not in filled]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise JaxdiffError(
+            f"{source}: no weight for parameter {missing[0]!r}{more}; the file does not match "
+            f"the config (unused names in the file: {', '.join(unused[:3]) or 'none'})")
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise JaxdiffError(
+            f"{source}: parameter {unused[0]!r} matches nothing in the model built from "
+            f"config.json ({', '.join(unused[1:3])}{more}); the weights do not match the config")
+
+
+def load_params(folder: Path, template: Mapping, *, variant: str | None = None,
+                torch_rename: Rename | None = None, flax_rename: Rename | None = None,
+                ignore: Callable[[str], bool] | None = None,
+                msgpack_root: str | None = None, dtype=None) -> Params:
+    """Load the weights of `folder` (see `find_weights`) onto `template`.
+
+    `msgpack_root` strips a top-level key some Flax checkpoints carry (transformers' CLIP
+    text model saves under its own name); `dtype` overrides the template's dtype."""
+    files = find_weights(folder, variant)
+    if files[0].suffix == ".msgpack":
+        tree = read_msgpack(files[0])
+        if msgpack_root and msgpack_root in tree and len(tree) == 1:
+            tree = tree[msgpack_root]
+        return flax_tree_to_flax(tree, template, source=str(files[0]), rename=flax_rename, dtype=dtype)
+    tensors = itertools.chain.from_iterable(iter_safetensors(f) for f in files)
+    source = str(files[0]) if len(files) == 1 else f"{folder} (sharded safetensors)"
+    return torch_state_to_flax(tensors, template, source=source, rename=torch_rename,
+                               ignore=ignore, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+def flax_to_torch_state(params: Mapping, *, list_names: Iterable[str] = TORCH_LIST_NAMES,
+                        rename: Rename | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Flax params → PyTorch state-dict names and layouts (arrays as numpy)."""
+    list_names = frozenset(list_names)
+    out: dict[str, np.ndarray] = {}
+    for path, value in flatten(params).items():
+        parts: list[str] = []
+        for p in path[:-1]:
+            base, _, idx = p.rpartition("_")
+            parts.extend([base, idx] if idx.isdigit() and base in list_names else [p])
+        leaf = path[-1]
+        parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
+        key = ".".join(parts)
+        key = rename(key) if rename else key
+        out[key] = np.ascontiguousarray(flax_to_torch_array(np.asarray(value, dtype=dtype), leaf))
+    return out
+
+
+def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary file, then rename)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+                  metadata=dict(metadata or {"format": "pt"}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_json(obj: Mapping, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
