@@ -209,6 +209,8 @@ def _candidate_paths(torch_key: str) -> Iterator[tuple[str, ...]]:
     """Flax paths a PyTorch name can take: each numeric part either joins the name before it
     (``down_blocks.0`` → ``down_blocks_0``) or stands alone (``layers.0`` → ``layers/0``)."""
     parts = torch_key.split(".")
+    if "Conv2d_0" in parts:  # diffusers' Downsample2D registers its conv as both names
+        yield from _candidate_paths(".".join("conv" if p == "Conv2d_0" else p for p in parts))
     numeric = [i for i, p in enumerate(parts) if p.isdigit() and i > 0]
     for joins in itertools.product((True, False), repeat=len(numeric)):
         join = dict(zip(numeric, joins))
