@@ -267,8 +267,13 @@ def _dtype_of(x, default):
     return getattr(x, "dtype", default)
 
 
+def _contiguous(value, dtype=None) -> np.ndarray:
+    """`np.ascontiguousarray` that keeps 0-d arrays 0-d (CLIP's `logit_scale`)."""
+    return np.ascontiguousarray(value, dtype=dtype).reshape(np.shape(value))
+
+
 def _cast(value: np.ndarray, dtype) -> np.ndarray:
-    return np.ascontiguousarray(value, dtype=dtype)
+    return _contiguous(value, dtype)
 
 
 def torch_state_to_flax(
@@ -382,7 +387,7 @@ def flax_to_torch_state(params: Mapping, *, list_names: Iterable[str] = TORCH_LI
         parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
         key = ".".join(parts)
         key = rename(key) if rename else key
-        out[key] = np.ascontiguousarray(flax_to_torch_array(np.asarray(value, dtype=dtype), leaf))
+        out[key] = _contiguous(flax_to_torch_array(np.asarray(value, dtype=dtype), leaf))
     return out
 
 
@@ -396,7 +401,7 @@ def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+        save_file({k: _contiguous(v) for k, v in state.items()}, tmp,
                   metadata=dict(metadata or {"format": "pt"}))
         os.replace(tmp, path)
     finally:
