@@ -1,0 +1,30 @@
+"""Noise schedulers as pure functions: a frozen config object + an immutable state pytree.
+
+    from jaxdiff.schedulers import create_scheduler
+    sched = create_scheduler("ddim")                 # or a diffusers scheduler_config.json / folder
+    state = sched.set_timesteps(sched.create_state(), 50)
+    out = sched.step(state, model_output, t, x, key=key)   # StepOutput(prev_sample, pred_original_sample, state)
+
+See `jaxdiff.schedulers.base` for the contract and `jaxdiff.sampling` for the loop.
+"""
+from jaxdiff.schedulers.base import Scheduler, SchedulerState, StepOutput
+from jaxdiff.schedulers.common import (add_noise_vp, dynamic_threshold, from_x0_and_eps,
+                                       pred_eps_from_v, pred_eps_from_x0, pred_x0_from_eps,
+                                       pred_x0_from_v, to_x0_and_eps, v_from)
+from jaxdiff.schedulers.config import (create_scheduler, read_scheduler_config, register,
+                                       scheduler_class)
+from jaxdiff.schedulers.ddim import DDIMScheduler
+from jaxdiff.schedulers.ddpm import DDPMScheduler
+
+register(DDPMScheduler)
+register(DDIMScheduler)
+
+SCHEDULER_NAMES = ("ddpm", "ddim")
+
+__all__ = [
+    "SCHEDULER_NAMES", "Scheduler", "SchedulerState", "StepOutput", "create_scheduler",
+    "read_scheduler_config", "scheduler_class", "register",
+    "DDPMScheduler", "DDIMScheduler",
+    "add_noise_vp", "dynamic_threshold", "from_x0_and_eps", "pred_eps_from_v", "pred_eps_from_x0",
+    "pred_x0_from_eps", "pred_x0_from_v", "to_x0_and_eps", "v_from",
+]

@@ -1,0 +1,407 @@
+"""Schedulers: config handling, the shared arithmetic, and DDPM/DDIM parity with diffusers.
+
+Parity: a deterministic fake model (a fixed function of x and t) drives whole trajectories in
+diffusers' PyTorch scheduler and in ours (one jitted `lax.scan`), with diffusers' own noise
+draws injected through `noise=`. Every x_{t-1} and x0 prediction of every step must agree to
+1e-5 relative to the trajectory's scale (float32; the schedules differ by at most 1 ulp because
+torch.linspace rounds differently from numpy; x0 is compared in the units of x_t, see
+`assert_trajectories`).
+"""
+from __future__ import annotations
+
+import json
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.schedulers import (SCHEDULER_NAMES, DDIMScheduler, DDPMScheduler, common,
+                                create_scheduler)
+
+SHAPE = (2, 8, 8, 3)  # NHWC
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The fake model and the two trajectory runners
+# ---------------------------------------------------------------------------------------------
+
+def _pattern(shape, seed):
+    return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
+
+
+PATTERN = _pattern(SHAPE, 1)
+VAR_PATTERN = _pattern(SHAPE, 2)  # the "predicted variance" half of a learned-variance model
+
+
+# The fake model: out = 0.9 x + 0.1 pattern (1 + t/T), the same float32 ops in both frameworks.
+# A learned-variance model appends a variance half: in [-1, 1] for `learned_range`, a positive
+# variance for `learned`.
+def _variance_half(learned):
+    return VAR_PATTERN if learned == "learned_range" else (VAR_PATTERN + 1) * np.float32(0.01)
+
+
+def fake_torch(x, t, T, learned=None):
+    p = torch.from_numpy(PATTERN.transpose(0, 3, 1, 2).copy())
+    tt = torch.as_tensor(t).to(torch.float32)
+    out = 0.9 * x + 0.1 * p * (1 + tt / T)
+    if learned:
+        out = torch.cat([out, torch.from_numpy(_variance_half(learned).transpose(0, 3, 1, 2).copy())], dim=1)
+    return out
+
+
+def fake_jax(x, t, T, learned=None):
+    out = 0.9 * x + 0.1 * jnp.asarray(PATTERN) * (1 + jnp.asarray(t, jnp.float32) / T)
+    if learned:
+        out = jnp.concatenate([out, jnp.asarray(_variance_half(learned))], axis=-1)
+    return out
+
+
+def to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def to_nchw(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
+
+
+def torch_trajectory(dsched, x_T: np.ndarray, *, seed=0, eta=None, learned=None, step_kwargs=None,
+                     timesteps=None):
+    """Run diffusers' loop; returns (prev_samples, x0_preds or None, noises) as NHWC stacks.
+    `noises[i]` is the noise diffusers drew at step i (zeros where it drew none)."""
+    T = dsched.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(seed)
+    x = to_nchw(x_T)
+    xs, x0s, noises = [], [], []
+    timesteps = dsched.timesteps if timesteps is None else timesteps
+    for t in timesteps:
+        x_in = dsched.scale_model_input(x, t)
+        out = fake_torch(x_in, t, T, learned)
+        kwargs = dict(step_kwargs or {})
+        before = gen.get_state()
+        if eta is not None:
+            noise = torch.randn(x.shape, generator=gen) if eta > 0 else None
+            out_step = dsched.step(out, t, x, eta=eta, variance_noise=noise, **kwargs)
+        else:
+            out_step = dsched.step(out, t, x, generator=gen, **kwargs)
+        after = gen.get_state()
+        if torch.equal(before, after):
+            noises.append(np.zeros(SHAPE, np.float32))
+        else:  # replay the draw diffusers made
+            g2 = torch.Generator()
+            g2.set_state(before)
+            noises.append(to_nhwc(torch.randn(x.shape, generator=g2)))
+        x = out_step.prev_sample
+        xs.append(to_nhwc(x))
+        x0 = getattr(out_step, "pred_original_sample", None)
+        x0s.append(None if x0 is None else to_nhwc(x0))
+    x0s = None if any(a is None for a in x0s) else np.stack(x0s)
+    return np.stack(xs), x0s, np.stack(noises)
+
+
+def jax_trajectory(sched, state, x_T, noises=None, learned=None):
+    """Our loop as one jitted scan, with the noise of each step injected."""
+    T = sched.num_train_timesteps
+
+    @jax.jit
+    def run(state, x_T, noises):
+        state = sched.init_history(state, x_T.shape)
+
+        def body(carry, inp):
+            x, st = carry
+            t, z = inp
+            out = fake_jax(sched.scale_model_input(st, x, t), t, T, learned)
+            o = sched.step(st, out, t, x, noise=z)
+            return (o.prev_sample, o.state), (o.prev_sample, o.pred_original_sample)
+
+        _, (xs, x0s) = jax.lax.scan(body, (x_T, state), (state.loop_timesteps, noises))
+        return xs, x0s
+
+    xs, x0s = run(state, jnp.asarray(x_T), None if noises is None else jnp.asarray(noises))
+    return np.asarray(xs), np.asarray(x0s)
+
+
+def assert_close(ours, ref, what, rtol=RTOL, scale=None):
+    scale = max(1.0, float(np.abs(ref).max())) if scale is None else scale
+    err = float(np.abs(ours - ref).max())
+    assert np.all(np.isfinite(ours)), f"{what}: non-finite values"
+    assert err <= rtol * scale, f"{what}: max |diff| {err:.3g} > {rtol:g} x scale {scale:.3g}"
+
+
+def assert_trajectories(xs, xs_ref, x0s, x0_ref, x0_weight=None, rtol=RTOL):
+    """x_{t-1}: |diff| <= rtol * max(1, max|x|). x0: the same bound on |diff| * x0_weight[step]:
+    for VP schedulers x0 = (x - sqrt(1-ᾱ) eps) / sqrt(ᾱ) magnifies 1-ulp differences of x_t by
+    1/sqrt(ᾱ_t) (160x at t=999), so x0 is compared in the units of x_t (weight sqrt(ᾱ_t))."""
+    assert xs.shape == xs_ref.shape, (xs.shape, xs_ref.shape)
+    assert_close(xs, xs_ref, "x_{t-1}", rtol)
+    if x0_ref is not None:
+        scale = max(1.0, float(np.abs(xs_ref).max()))
+        w = np.ones(len(x0s)) if x0_weight is None else np.asarray(x0_weight, np.float64)
+        w = w.reshape((-1,) + (1,) * (x0s.ndim - 1))
+        assert_close(x0s * w, x0_ref * w, "pred_original_sample (x_t units)", rtol, scale)
+
+
+def vp_weight(state):
+    """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
+    t = np.asarray(state.loop_timesteps).astype(np.int64)
+    return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])
+
+
+def x_T(seed=0):
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM and DDIM trajectories
+# ---------------------------------------------------------------------------------------------
+
+TRAINED = tuple(np.linspace(1e-4, 0.03, 1000) ** 1.1)
+
+DDPM_CASES = [
+    pytest.param({}, None, id="defaults-1000"),
+    pytest.param(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type="v_prediction", clip_sample=False), None, id="scaled_linear-v-noclip"),
+    pytest.param(dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                      clip_sample_range=0.5), None, id="cosine-sample-clip0.5"),
+    pytest.param(dict(trained_betas=TRAINED, variance_type="fixed_large"), None, id="trained-fixed_large"),
+    pytest.param(dict(variance_type="fixed_small_log", thresholding=True, sample_max_value=1.5),
+                 None, id="small_log-thresholding"),
+    pytest.param(dict(variance_type="learned_range"), None, id="learned_range"),
+    pytest.param(dict(variance_type="learned", clip_sample=False, rescale_betas_zero_snr=True,
+                      prediction_type="v_prediction"), None, id="learned-zero_snr"),
+    pytest.param(dict(beta_schedule="sigmoid"), None, id="sigmoid"),
+    pytest.param(dict(timestep_spacing="leading", steps_offset=1), 50, id="leading-offset1-50"),
+    pytest.param(dict(timestep_spacing="trailing", clip_sample=False), 37, id="trailing-37"),
+    pytest.param(dict(timestep_spacing="linspace"), 20, id="linspace-20"),
+]
+
+
+@pytest.mark.parametrize("kwargs,steps", DDPM_CASES)
+def test_ddpm_trajectory_matches_diffusers(kwargs, steps):
+    ref = diffusers.DDPMScheduler(**{k: (list(v) if k == "trained_betas" else v) for k, v in kwargs.items()})
+    ours = create_scheduler("ddpm", **kwargs)
+    state = ours.create_state()
+    if steps:
+        ref.set_timesteps(steps)
+        state = ours.set_timesteps(state, steps)
+    assert np.array_equal(state.timesteps, ref.timesteps.numpy())
+    learned = kwargs.get("variance_type") if kwargs.get("variance_type", "").startswith("learned") else None
+    xs_ref, x0_ref, noises = torch_trajectory(ref, x_T(), learned=learned)
+    xs, x0s = jax_trajectory(ours, state, x_T(), noises, learned=learned)
+    assert_trajectories(xs, xs_ref, x0s, x0_ref, vp_weight(state))
+
+
+DDIM_CASES = [
+    pytest.param({}, id="defaults"),
+    pytest.param(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1), id="sd-like"),
+    pytest.param(dict(timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False,
+                      rescale_betas_zero_snr=True), id="trailing-v-zero_snr"),
+    pytest.param(dict(timestep_spacing="linspace", prediction_type="sample", clip_sample_range=0.7),
+                 id="linspace-sample-clip0.7"),
+    pytest.param(dict(beta_schedule="squaredcos_cap_v2", thresholding=True, sample_max_value=2.0),
+                 id="cosine-thresholding"),
+    pytest.param(dict(trained_betas=TRAINED, clip_sample=False), id="trained"),
+    pytest.param(dict(eta=0.5), id="eta0.5"),
+    pytest.param(dict(eta=1.0, use_clipped_model_output=True, prediction_type="v_prediction"),
+                 id="eta1-clipped_output"),
+]
+
+
+@pytest.mark.parametrize("kwargs", DDIM_CASES)
+def test_ddim_trajectory_matches_diffusers(kwargs):
+    kwargs = dict(kwargs)
+    step_kwargs = {"use_clipped_model_output": kwargs["use_clipped_model_output"]} \
+        if "use_clipped_model_output" in kwargs else {}
+    eta = kwargs.get("eta", 0.0)
+    ref_kwargs = {k: (list(v) if k == "trained_betas" else v) for k, v in kwargs.items()
+                  if k not in ("eta", "use_clipped_model_output")}
+    ref = diffusers.DDIMScheduler(**ref_kwargs)
+    ref.set_timesteps(50)
+    ours = create_scheduler("ddim", **kwargs)
+    state = ours.set_timesteps(ours.create_state(), 50)
+    assert np.array_equal(state.timesteps, ref.timesteps.numpy())
+    xs_ref, x0_ref, noises = torch_trajectory(ref, x_T(), eta=eta, step_kwargs=step_kwargs)
+    xs, x0s = jax_trajectory(ours, state, x_T(), noises if eta > 0 else None)
+    assert_trajectories(xs, xs_ref, x0s, x0_ref, vp_weight(state))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_betas_and_alphas_cumprod_match_diffusers(schedule):
+    ref = diffusers.DDPMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012)
+    state = create_scheduler("ddpm", beta_schedule=schedule, beta_start=0.00085, beta_end=0.012).create_state()
+    # torch.linspace rounds the last bit differently from numpy: <= 1 ulp, 3 ulp once squared.
+    np.testing.assert_allclose(state.betas, ref.betas.numpy(), rtol=4e-7, atol=0)
+    np.testing.assert_allclose(state.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=4e-7, atol=0)
+
+
+def test_zero_terminal_snr_rescale_matches_diffusers():
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    state = create_scheduler("ddim", beta_schedule="scaled_linear", rescale_betas_zero_snr=True).create_state()
+    # torch's vectorised sqrt differs from the correctly rounded one by 1 ulp; the rescale's
+    # ratios of near-equal numbers make that a few ulp of the alphas (3e-6 where ᾱ -> 0).
+    np.testing.assert_allclose(1 - state.betas, 1 - ref.betas.numpy(), rtol=0, atol=4e-6)
+    np.testing.assert_allclose(state.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+    assert float(state.alphas_cumprod[-1]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward process, training targets, conversions
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_add_noise_velocity_and_training_target(prediction_type):
+    ref = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    ours = create_scheduler("ddpm", beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    state = ours.create_state()
+    x0, noise = x_T(1), x_T(2)
+    t = np.array([0, 999], np.int64)
+    xt = ours.add_noise(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    assert_close(np.asarray(xt), to_nhwc(ref.add_noise(to_nchw(x0), to_nchw(noise), torch.from_numpy(t))), "add_noise")
+    v = ours.get_velocity(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    assert_close(np.asarray(v), to_nhwc(ref.get_velocity(to_nchw(x0), to_nchw(noise), torch.from_numpy(t))), "v")
+    target = np.asarray(ours.training_target(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": np.asarray(v)}[prediction_type]
+    np.testing.assert_allclose(target, expected, rtol=0, atol=0)
+
+
+def test_conversions_between_eps_x0_and_v_are_consistent():
+    x0, eps = jnp.asarray(x_T(3)), jnp.asarray(x_T(4))
+    a = jnp.asarray([0.9, 0.05], jnp.float32)  # (B,) ᾱ per sample
+    xt = common.add_noise_vp(x0, eps, a)
+    v = common.v_from(x0, eps, a)
+    for pred_type, out in (("epsilon", eps), ("sample", x0), ("v_prediction", v)):
+        x0_hat, eps_hat = common.to_x0_and_eps(pred_type, xt, out, a)
+        np.testing.assert_allclose(x0_hat, x0, atol=3e-5, err_msg=pred_type)
+        np.testing.assert_allclose(eps_hat, eps, atol=3e-5, err_msg=pred_type)
+        np.testing.assert_allclose(common.from_x0_and_eps(pred_type, x0, eps, a), out, atol=0)
+    np.testing.assert_allclose(common.pred_x0_from_eps(xt, eps, a), x0, atol=3e-5)
+    np.testing.assert_allclose(common.pred_eps_from_x0(xt, x0, a), eps, atol=3e-5)
+    np.testing.assert_allclose(common.pred_x0_from_v(xt, v, a), x0, atol=3e-5)
+    np.testing.assert_allclose(common.pred_eps_from_v(xt, v, a), eps, atol=3e-5)
+
+
+def test_dynamic_threshold_matches_diffusers():
+    ref = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.7)
+    x = x_T(5) * 2
+    expected = to_nhwc(ref._threshold_sample(to_nchw(x)))
+    np.testing.assert_allclose(common.dynamic_threshold(jnp.asarray(x), 0.9, 1.7), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config handling
+# ---------------------------------------------------------------------------------------------
+
+def test_scheduler_is_a_hashable_frozen_config():
+    a = create_scheduler("ddim", beta_schedule="scaled_linear")
+    b = DDIMScheduler(beta_schedule="scaled_linear")
+    assert a == b and hash(a) == hash(b)
+    with pytest.raises(Exception):
+        a.eta = 1.0  # type: ignore[misc]
+    assert hash(create_scheduler("ddpm", trained_betas=TRAINED)) is not None
+
+
+def test_defaults_are_diffusers_defaults():
+    for name in SCHEDULER_NAMES:
+        ours = create_scheduler(name)
+        ref_cls = getattr(diffusers, ours.diffusers_class)
+        ref_config = dict(ref_cls().config)
+        for key, value in ours.config.items():
+            if key in ref_config:
+                assert ref_config[key] == value, f"{name}.{key}: ours {value!r}, diffusers {ref_config[key]!r}"
+
+
+def _save_config(tmp_path, ref_scheduler, sub=""):
+    folder = tmp_path / sub if sub else tmp_path
+    ref_scheduler.save_pretrained(folder)
+    return folder
+
+
+def test_create_from_saved_diffusers_config_file_folder_and_pipeline(tmp_path):
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    folder = _save_config(tmp_path, ref, "pipe/scheduler")
+    expected = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    assert create_scheduler(folder / "scheduler_config.json") == expected
+    assert create_scheduler(folder) == expected
+    assert create_scheduler(tmp_path / "pipe") == expected
+    assert create_scheduler(dict(ref.config), name="ddim") == expected  # a live .config has no _class_name
+
+
+def test_flax_class_names_and_switching_sampler_keep_the_schedule():
+    sd_v1 = {"_class_name": "FlaxPNDMScheduler", "_diffusers_version": "0.7.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "trained_betas": None, "clip_sample": False}
+    ddim = create_scheduler(sd_v1, name="ddim")
+    assert ddim == DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    ddpm = create_scheduler(sd_v1, name="ddpm", prediction_type="v_prediction")
+    assert (ddpm.beta_schedule, ddpm.prediction_type, ddpm.steps_offset) == ("scaled_linear", "v_prediction", 1)
+
+
+def test_old_predict_epsilon_key_is_understood():
+    cfg = {"_class_name": "DDPMScheduler", "predict_epsilon": False, "tensor_format": "pt"}
+    assert create_scheduler(cfg).prediction_type == "sample"
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(beta_schedule="cosine"), "beta_schedule"),
+    (dict(prediction_type="eps"), "v_prediction"),
+    (dict(timestep_spacing="uniform"), "trailing"),
+    (dict(variance_type="fixed_large_log"), "fixed_small"),
+    (dict(beta_shedule="linear"), "beta_schedule"),
+    (dict(skip_prk_steps=True), "unknown option"),
+    (dict(num_train_timesteps="1000"), "integer"),
+    (dict(clip_sample="yes"), "true or false"),
+    (dict(trained_betas=[0.1, 0.2]), "num_train_timesteps"),
+])
+def test_bad_options_raise_one_clear_error(kwargs, fragment):
+    with pytest.raises(JaxdiffError, match=fragment):
+        create_scheduler("ddpm", **kwargs)
+
+
+def test_bad_names_and_classes_raise_clear_errors(tmp_path):
+    with pytest.raises(JaxdiffError, match="choose one of: .*ddim"):
+        create_scheduler("ddmi")
+    with pytest.raises(JaxdiffError, match="not implemented in jaxdiff"):
+        create_scheduler({"_class_name": "UniPCMultistepScheduler"})
+    with pytest.raises(JaxdiffError, match="no scheduler_config.json"):
+        create_scheduler(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text("{oops")
+    with pytest.raises(JaxdiffError, match="not valid JSON"):
+        create_scheduler(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler",
+                                                                "beta_schedule": "cosine"}))
+    with pytest.raises(JaxdiffError, match="beta_schedule"):
+        create_scheduler(tmp_path)
+
+
+def test_step_needs_set_timesteps_and_stochastic_steps_need_a_key():
+    ddim = create_scheduler("ddim")
+    x = jnp.zeros(SHAPE)
+    with pytest.raises(JaxdiffError, match="set_timesteps"):
+        ddim.step(ddim.create_state(), x, 999, x)
+    ddpm = create_scheduler("ddpm")
+    with pytest.raises(JaxdiffError, match="key="):
+        ddpm.step(ddpm.create_state(), x, 999, x)
+    with pytest.raises(JaxdiffError, match="num_inference_steps"):
+        ddim.set_timesteps(ddim.create_state(), 2000)
+    with pytest.raises(JaxdiffError, match="eta"):
+        create_scheduler("ddim", eta=-1.0)
+
+
+def test_step_accepts_per_sample_timesteps():
+    ours = create_scheduler("ddim")
+    state = ours.set_timesteps(ours.create_state(), 50)
+    x = jnp.asarray(x_T())
+    out = fake_jax(x, 0, 1000)
+    both = ours.step(state, out, jnp.asarray([981, 501]), x).prev_sample
+    first = ours.step(state, out[:1], 981, x[:1]).prev_sample
+    second = ours.step(state, out[1:], 501, x[1:]).prev_sample
+    np.testing.assert_allclose(both, jnp.concatenate([first, second]), atol=1e-6)
