@@ -9,6 +9,7 @@ torch.linspace rounds differently from numpy; x0 is compared in the units of x_t
 """
 from __future__ import annotations
 
+import inspect
 import json
 
 import diffusers
@@ -86,8 +87,10 @@ def torch_trajectory(dsched, x_T: np.ndarray, *, seed=0, eta=None, learned=None,
         if eta is not None:
             noise = torch.randn(x.shape, generator=gen) if eta > 0 else None
             out_step = dsched.step(out, t, x, eta=eta, variance_noise=noise, **kwargs)
-        else:
+        elif "generator" in inspect.signature(dsched.step).parameters:
             out_step = dsched.step(out, t, x, generator=gen, **kwargs)
+        else:
+            out_step = dsched.step(out, t, x, **kwargs)
         after = gen.get_state()
         if torch.equal(before, after):
             noises.append(np.zeros(SHAPE, np.float32))

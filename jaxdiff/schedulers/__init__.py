@@ -15,16 +15,26 @@ from jaxdiff.schedulers.config import (create_scheduler, read_scheduler_config, 
                                        scheduler_class)
 from jaxdiff.schedulers.ddim import DDIMScheduler
 from jaxdiff.schedulers.ddpm import DDPMScheduler
+from jaxdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from jaxdiff.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from jaxdiff.schedulers.lms import LMSDiscreteScheduler
+from jaxdiff.schedulers.pndm import PNDMScheduler
 
 register(DDPMScheduler)
 register(DDIMScheduler)
+register(PNDMScheduler, "plms")
+register(EulerDiscreteScheduler)
+register(EulerAncestralDiscreteScheduler, "euler_ancestral", "euler-a")
+register(DPMSolverMultistepScheduler, "dpm", "dpmsolver++", "dpm++2m", "dpm-solver++")
+register(LMSDiscreteScheduler)
 
-SCHEDULER_NAMES = ("ddpm", "ddim")
+SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "lms")
 
 __all__ = [
     "SCHEDULER_NAMES", "Scheduler", "SchedulerState", "StepOutput", "create_scheduler",
     "read_scheduler_config", "scheduler_class", "register",
-    "DDPMScheduler", "DDIMScheduler",
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
     "add_noise_vp", "dynamic_threshold", "from_x0_and_eps", "pred_eps_from_v", "pred_eps_from_x0",
     "pred_x0_from_eps", "pred_x0_from_v", "to_x0_and_eps", "v_from",
 ]

@@ -169,7 +169,7 @@ class Scheduler:
 
     def _finish_set_timesteps(self, state: SchedulerState, num_inference_steps: int,
                               timesteps, sigmas=None, *, strength=None, shape=None,
-                              dtype=jnp.float32) -> SchedulerState:
+                              dtype=jnp.float32, history=None) -> SchedulerState:
         begin = 0
         if strength is not None:
             strength = float(strength)
@@ -184,7 +184,7 @@ class Scheduler:
             timesteps=jnp.asarray(timesteps),
             sigmas=jnp.zeros((0,), jnp.float32) if sigmas is None else jnp.asarray(sigmas, jnp.float32),
             step_index=jnp.asarray(self._first_step_index(begin), jnp.int32),
-            history={}, num_inference_steps=num_inference_steps, begin_index=begin)
+            history=dict(history or {}), num_inference_steps=num_inference_steps, begin_index=begin)
         if shape is not None:
             state = self.init_history(state, shape, dtype)
         return state
@@ -195,6 +195,23 @@ class Scheduler:
     def init_history(self, state: SchedulerState, shape: tuple, dtype=jnp.float32) -> SchedulerState:
         """Zeroed multistep buffers for samples of `shape` (a no-op for single-step schedulers).
         Call before `lax.scan` (the sampling loop does) so the carried state keeps its shape."""
+        return state
+
+    # The multistep buffer whose presence says the history is allocated (None: no history).
+    _history_buffer: ClassVar[str | None] = None
+
+    def _ensure_history(self, state: SchedulerState, x) -> SchedulerState:
+        """Allocate the history on the first step when the caller did not (fine outside scan)."""
+        key = self._history_buffer
+        if key is None:
+            return state
+        buf = state.history.get(key)
+        if buf is None:
+            return self.init_history(state, x.shape)
+        if tuple(buf.shape[1:]) != tuple(x.shape):
+            raise JaxdiffError(f"{type(self).__name__} history was allocated for samples of shape "
+                               f"{tuple(buf.shape[1:])} but got {tuple(x.shape)}; call "
+                               "set_timesteps(..., shape=x.shape) or init_history(state, x.shape)")
         return state
 
     def _need_timesteps(self, state: SchedulerState) -> int:
