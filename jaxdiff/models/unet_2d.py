@@ -131,8 +131,8 @@ class UNet2DModel(nn.Module):
         return sample, timestep, labels
 
     def init_weights(self, rng: jax.Array) -> dict:
-        """Freshly initialised parameters (the 'params' collection)."""
-        return self.init(rng, *self.dummy_inputs())["params"]
+        """Freshly initialised parameters (the 'params' collection), built by one jitted init."""
+        return jax.jit(lambda key: self.init(key, *self.dummy_inputs())["params"])(rng)
 
     # ---------------------------------------------------------------- forward
     @nn.compact
