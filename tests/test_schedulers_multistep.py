@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import create_scheduler

@@ -86,12 +86,14 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _coerce(cls, field: dataclasses.Field, value, source: str):
+def _coerce(field: dataclasses.Field, value):
     """JSON/keyword values → the field's type, with one clear error for a wrong type."""
     if value is None:
         return None
     default = field.default
-    name = f"{field.name} ({source})"
+    name = field.name
+    if default is None and "float" in str(field.type):  # optional numbers (sigma_min, ...)
+        default = 0.0
     if field.name == "trained_betas":
         try:
             return tuple(float(b) for b in value)
@@ -116,7 +118,7 @@ def _coerce(cls, field: dataclasses.Field, value, source: str):
     return value
 
 
-def _normalise(cls: type[Scheduler], config: Mapping[str, Any], *, strict: bool, source: str) -> dict:
+def _normalise(cls: type[Scheduler], config: Mapping[str, Any], *, strict: bool) -> dict:
     """Keep the keys `cls` knows. Keys of other diffusers schedulers are dropped; diffusers keys
     of `cls` that jaxdiff does not implement must hold their default; anything else is an error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -130,16 +132,15 @@ def _normalise(cls: type[Scheduler], config: Mapping[str, Any], *, strict: bool,
         if key.startswith("_"):
             continue
         if key in fields:
-            out[key] = _coerce(cls, fields[key], value, source)
+            out[key] = _coerce(fields[key], value)
         elif key in cls._unsupported:
             if value != cls._unsupported[key] and value is not None:
-                raise JaxdiffError(f"{key}={value!r} ({source}) is not supported by jaxdiff's "
+                raise JaxdiffError(f"{key}={value!r} is not supported by jaxdiff's "
                                    f"{cls.name} scheduler; use {key}={cls._unsupported[key]!r}")
         elif key in DIFFUSERS_SCHEDULER_KEYS and not strict:
             continue
         else:
-            valid = sorted(fields)
-            raise unknown_choice(f"option for the {cls.name} scheduler ({source})", key, valid)
+            raise unknown_choice(f"{cls.name} scheduler option", key, sorted(fields))
     return out
 
 
@@ -179,9 +180,15 @@ def create_scheduler(config: str | os.PathLike | Mapping[str, Any] | None = None
             raise JaxdiffError(f"{source}: scheduler class {cls_name!r} is not implemented in "
                                f"jaxdiff; choose one of: {', '.join(known)} (or pass name=)")
     cls = scheduler_class(name if name is not None else cfg["_class_name"])
-    kwargs = _normalise(cls, cfg, strict=False, source=source)
-    kwargs.update(_normalise(cls, overrides, strict=True, source="arguments"))
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by _normalise
-        raise JaxdiffError(f"bad scheduler options for {cls.name}: {e}") from None
+        kwargs = _normalise(cls, cfg, strict=False)
+    except JaxdiffError as e:
+        raise JaxdiffError(f"{source}: {e}") from None
+    override_kwargs = _normalise(cls, overrides, strict=True)
+    if not cfg:
+        return cls(**override_kwargs)
+    cls(**{k: v for k, v in override_kwargs.items() if k != "trained_betas"})  # bad arguments: no path prefix
+    try:
+        return cls(**{**kwargs, **override_kwargs})
+    except JaxdiffError as e:
+        raise JaxdiffError(f"{source}: {e}") from None

@@ -89,7 +89,8 @@ class LMSDiscreteScheduler(SigmaScheduler):
     def create_state(self) -> SchedulerState:
         """Every training timestep (sigmas of the training schedule) with its LMS coefficients."""
         state = super().create_state()
-        coeffs = lms_coefficients(np.asarray(state.sigmas))
+        sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]]).astype(np.float32)
+        coeffs = lms_coefficients(sigmas)
         return state.replace(history={"lms_coeffs": jnp.asarray(coeffs)})
 
     def init_history(self, state, shape, dtype=jnp.float32):
