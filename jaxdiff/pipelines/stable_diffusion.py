@@ -1,0 +1,482 @@
+"""Stable Diffusion 1.x/2.x as functions: tokenise → encode prompts → CFG sampling loop → VAE decode.
+
+    pipe, params = load_pipeline("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16)
+    ids, neg = tokenize_prompts(pipe, ["a red apple"] * 4, "blurry")
+    config = GenerateConfig(num_inference_steps=50, height=512, width=512)
+    images = generate(pipe, params, ids, neg, jax.random.key(0), 7.5, config=config)  # (4, 512, 512, 3) in [0, 1]
+
+`generate` is one jitted program per (pipeline, `GenerateConfig`, batch size): the text
+encoder, the whole sampling loop (a `lax.scan` over the scheduler's timesteps, classifier-free
+guidance as one batched UNet call per step) and the VAE decoder. Prompts, negative prompts,
+keys, initial latents, init images and `guidance_scale` are traced: changing them does not
+recompile. `generate_parallel` runs the same program on every local device with `pmap`
+(params replicated once by `replicate_params`, prompts and keys split over the devices).
+
+Precision: the UNet (and its parameters) in `dtype` (bf16 by default); the latents and every
+scheduler operation in float32; the text encoder in float32 (one call per image); the VAE in
+float32 when its config says `force_upcast` (SD 1.x/2.x: its decoder overflows in half
+precision), else in `dtype`. Pass `vae_dtype` / `text_encoder_dtype` to choose otherwise.
+
+A folder is loaded as published (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+`tokenizer/`, `scheduler/`), with PyTorch `*.safetensors` (or a `variant` such as "fp16") or the
+old Flax `*.msgpack` weights; torch is not needed. Tensors are read one at a time from memory
+maps and moved to the device as they come, so host memory stays near the parameters' size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import weights as W
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models import autoencoder_kl as vae_lib
+from jaxdiff.models import clip as clip_lib
+from jaxdiff.models import unet_2d_condition as unet_lib
+from jaxdiff.sampling import cfg, img2img_start, sample
+from jaxdiff.schedulers import Scheduler, create_scheduler
+from jaxdiff.tokenizer import load_tokenizer, tokenize
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_COMPONENT_CLASSES = {
+    "unet": {"UNet2DConditionModel"},
+    "vae": {"AutoencoderKL"},
+    "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection"},
+    "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
+}
+_UNSUPPORTED_PIPELINES = {
+    "StableDiffusionXLPipeline": "SDXL (two text encoders, added conditioning)",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL (two text encoders, added conditioning)",
+    "StableDiffusionInpaintPipeline": "inpainting (a 9-channel UNet)",
+    "StableDiffusionUpscalePipeline": "the x4 upscaler (image-conditioned UNet)",
+    "StableDiffusionDepth2ImgPipeline": "depth-to-image (a 5-channel UNet)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The loaded pipeline
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    """The static half of a Stable Diffusion pipeline: the three networks (Flax modules), the
+    tokenizer and the scheduler. Hashed by identity, so it can be a static jit argument. The
+    parameters live apart, in a dict `{"unet": ..., "vae": ..., "text_encoder": ...}`."""
+    unet: unet_lib.UNet2DConditionModel
+    vae: vae_lib.AutoencoderKL
+    text_encoder: Any  # jaxdiff.models.clip.CLIPTextModel[WithProjection]
+    tokenizer: Any
+    scheduler: Scheduler
+    folder: Optional[Path] = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downscale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was trained for: sample_size × vae_scale_factor (512 for SD1.5)."""
+        size = self.unet.config.sample_size or 64
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def max_length(self) -> int:
+        return int(self.text_encoder.config.max_position_embeddings)
+
+    def with_scheduler(self, scheduler: Scheduler | str) -> "StableDiffusion":
+        """The same pipeline with another sampler (a name such as "dpm++" keeps the folder's
+        beta schedule and prediction type, as diffusers' `from_config` does)."""
+        if isinstance(scheduler, str):
+            if self.folder is None:
+                raise JaxdiffError("this pipeline has no folder to read a scheduler config from; "
+                                   "pass a Scheduler (jaxdiff.schedulers.create_scheduler)")
+            scheduler = create_scheduler(self.folder / "scheduler", name=scheduler)
+        return dataclasses.replace(self, scheduler=scheduler)
+
+
+def read_model_index(folder: Path) -> dict:
+    """`model_index.json` of a pipeline folder, checked to be a Stable Diffusion 1.x/2.x one."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        present = [c for c in COMPONENTS if (folder / c).is_dir()]
+        if not present:
+            raise JaxdiffError(f"{folder} is not a diffusers pipeline folder (no model_index.json "
+                               f"and none of the folders {', '.join(COMPONENTS)})")
+        return {}
+    index = W.read_json(index_path)
+    name = str(index.get("_class_name", ""))
+    base = name[len("Flax"):] if name.startswith("Flax") else name
+    if base in _UNSUPPORTED_PIPELINES:
+        raise JaxdiffError(f"{folder} holds a {name}: {_UNSUPPORTED_PIPELINES[base]} is not "
+                           "supported; jaxdiff runs Stable Diffusion 1.x/2.x text-to-image pipelines")
+    for component, classes in _COMPONENT_CLASSES.items():
+        entry = index.get(component)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+            cls = str(entry[1])
+            cls = cls[len("Flax"):] if cls.startswith("Flax") else cls
+            if cls not in classes:
+                raise JaxdiffError(f"{folder}/model_index.json: {component} is a {entry[1]}, not a "
+                                   f"{' / '.join(sorted(classes))}; this is not a Stable Diffusion 1.x/2.x pipeline")
+    return index
+
+
+def _check_components(folder: Path, index: dict) -> None:
+    for component in COMPONENTS:
+        if not (folder / component).is_dir():
+            listed = " (model_index.json lists it)" if component in index else ""
+            raise JaxdiffError(f"{folder} has no {component}/ folder{listed}: a Stable Diffusion "
+                               f"pipeline needs {', '.join(c + '/' for c in COMPONENTS)}")
+
+
+def _to_device(tree: dict) -> dict:
+    """Move a nested dict of host arrays to the default device leaf by leaf, in place, dropping
+    each host copy as soon as its device copy exists (peak host memory: one tensor)."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _to_device(v)
+        else:
+            tree[k] = jax.device_put(v)
+    return tree
+
+
+def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
+                  vae_dtype=None, text_encoder_dtype=jnp.float32, variant: str | None = None,
+                  scheduler: str | Scheduler | None = None) -> tuple[StableDiffusion, dict]:
+    """`(pipe, params)` from a diffusers Stable Diffusion 1.x/2.x folder.
+
+    dtype: compute dtype of the UNet. param_dtype: storage dtype of the UNet and text encoder
+        parameters (default: their compute dtype). vae_dtype: the VAE's compute and storage dtype
+        (default: float32 when its config has `force_upcast`, else `dtype`).
+    variant: weight-file variant to prefer, e.g. "fp16" (`*.fp16.safetensors`).
+    scheduler: a sampler name ("pndm", "ddim", "euler", "dpm++", ...) built on the folder's
+        `scheduler/` config, or a Scheduler; default: the folder's own scheduler.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise JaxdiffError(f"model folder {root} does not exist" if not root.exists()
+                           else f"{root} is not a folder; pass a Stable Diffusion pipeline folder")
+    index = read_model_index(root)
+    _check_components(root, index)
+
+    if isinstance(scheduler, Scheduler):
+        sched = scheduler
+    else:
+        sched = create_scheduler(root / "scheduler", name=scheduler)
+    tokenizer = load_tokenizer(root, subfolder="tokenizer")
+
+    unet_path, unet_raw = W.read_config(root, "unet", expect_class=unet_lib.UNET_CLASSES)
+    unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(unet_raw), dtype=dtype)
+    unet_params = _to_device(W.load_params(unet_path, unet_lib.param_shapes(unet, param_dtype or dtype),
+                                           variant=variant, dtype=param_dtype or dtype))
+
+    vae_path, vae_raw = W.read_config(root, "vae", expect_class=vae_lib.VAE_CLASSES)
+    vae_config = vae_lib.AutoencoderKLConfig.from_dict(vae_raw)
+    vdt = vae_dtype or vae_lib.decode_dtype(vae_config, dtype)
+    vae, vae_params = vae_lib.load_vae(root, dtype=vdt, variant=variant)
+    vae_params = _to_device(vae_params)
+
+    te_dtype = text_encoder_dtype or dtype
+    text_encoder, te_params = clip_lib.load_text_encoder(root, dtype=te_dtype,
+                                                         param_dtype=param_dtype or te_dtype)
+    te_params = _to_device(te_params)
+
+    _check_compatible(root, unet.config, vae.config, text_encoder.config)
+    pipe = StableDiffusion(unet, vae, text_encoder, tokenizer, sched, root)
+    return pipe, {"unet": unet_params, "vae": vae_params, "text_encoder": te_params}
+
+
+def _check_compatible(folder: Path, unet_cfg, vae_cfg, te_cfg) -> None:
+    cross = unet_cfg.cross_attention_dim
+    cross = cross if isinstance(cross, int) else cross[0]
+    if unet_cfg.encoder_hid_dim_type is None and cross != te_cfg.hidden_size:
+        raise JaxdiffError(f"{folder}: the UNet's cross_attention_dim ({cross}) differs from the text "
+                           f"encoder's hidden_size ({te_cfg.hidden_size}); the components do not belong together")
+    if unet_cfg.in_channels != vae_cfg.latent_channels:
+        raise JaxdiffError(f"{folder}: the UNet takes {unet_cfg.in_channels} channels but the VAE makes "
+                           f"{vae_cfg.latent_channels}-channel latents; this is not a text-to-image pipeline")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+def tokenize_prompts(pipe: StableDiffusion, prompts: str | Sequence[str],
+                     negative_prompts: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids `(B, 77)` int32 of the prompts and of the negative prompts (one per prompt, or
+    one for all; default the empty prompt, as diffusers uses for the unconditional branch)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if negative_prompts is None:
+        negative_prompts = ""
+    if isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != len(prompts):
+        raise JaxdiffError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; "
+                           "give one negative prompt, or one per prompt")
+    return (tokenize(pipe.tokenizer, prompts, pipe.max_length),
+            tokenize(pipe.tokenizer, negative_prompts, pipe.max_length))
+
+
+def encode_prompt(pipe: StableDiffusion, params: dict, input_ids: jax.Array,
+                  clip_skip: Optional[int] = None) -> jax.Array:
+    """Text embeddings (B, 77, hidden) the UNet attends to: the text encoder's last hidden state
+    after its final layer norm (or layer L − clip_skip's, diffusers' `clip_skip`). SD 2.x folders
+    hold a text encoder whose config already stops at the penultimate layer."""
+    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, input_ids, clip_skip=clip_skip)
+    return out.last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """The static settings of one compiled program (changing any of them recompiles).
+
+    height, width: image size in pixels (multiples of the VAE's factor, 8); None = the UNet's
+        default (512 for SD 1.5, 768 for SD 2.x-768).
+    strength: img2img only, in (0, 1]: the fraction of the schedule that is run.
+    use_guidance_rescale: apply `guidance_rescale` (Lin et al. 2023); the value itself is traced.
+    output: "images" ((B, H, W, 3) float32 in [0, 1]) or "latents" ((B, h, w, C) float32).
+    """
+    num_inference_steps: int = 50
+    height: Optional[int] = None
+    width: Optional[int] = None
+    strength: Optional[float] = None
+    use_guidance_rescale: bool = False
+    clip_skip: Optional[int] = None
+    output: str = "images"
+
+    def __post_init__(self):
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise JaxdiffError(f"num_inference_steps must be a positive int, got {self.num_inference_steps!r}")
+        if self.output not in ("images", "latents"):
+            raise JaxdiffError(f"output {self.output!r}; choose one of: images, latents")
+        if self.strength is not None and not 0.0 < float(self.strength) <= 1.0:
+            raise JaxdiffError(f"strength must be in (0, 1], got {self.strength}")
+
+    def size(self, pipe: StableDiffusion) -> tuple[int, int]:
+        h = self.height or pipe.default_size
+        w = self.width or pipe.default_size
+        f = pipe.vae_scale_factor
+        if h % f or w % f or h <= 0 or w <= 0:
+            raise JaxdiffError(f"height and width must be positive multiples of {f}, got {h}×{w}")
+        return h, w
+
+    def latent_shape(self, pipe: StableDiffusion, batch: int) -> tuple[int, int, int, int]:
+        h, w = self.size(pipe)
+        f = pipe.vae_scale_factor
+        return (batch, h // f, w // f, pipe.latent_channels)
+
+
+def _generate(pipe: StableDiffusion, config: GenerateConfig, params: dict, prompt_ids, negative_ids,
+              key, guidance_scale, guidance_rescale=0.0, latents=None, init_image=None,
+              init_latents=None):
+    """The traced body shared by `generate` and `generate_parallel` (see `generate`)."""
+    batch = prompt_ids.shape[0]
+    if negative_ids.shape != prompt_ids.shape:
+        raise JaxdiffError(f"negative prompt ids {negative_ids.shape} and prompt ids "
+                           f"{prompt_ids.shape} must have the same shape")
+    shape = config.latent_shape(pipe, batch)
+    img2img = init_image is not None or init_latents is not None
+    if img2img != (config.strength is not None):
+        raise JaxdiffError("img2img needs both an init image (or init latents) and "
+                           "GenerateConfig(strength=...); text-to-image needs neither")
+    k_noise, k_encode, k_sample = jax.random.split(key, 3)
+
+    ids = jnp.concatenate([prompt_ids, negative_ids], axis=0)
+    context = encode_prompt(pipe, params, ids, config.clip_skip)
+    cond, uncond = context[:batch], context[batch:]
+
+    if latents is None:
+        noise = jax.random.normal(k_noise, shape, jnp.float32)
+    else:
+        if tuple(latents.shape) != shape:
+            raise JaxdiffError(f"latents of shape {tuple(latents.shape)} do not fit this generation: "
+                               f"expected NHWC {shape}")
+        noise = jnp.asarray(latents, jnp.float32)
+
+    unet_params = params["unet"]
+
+    def denoise(x, t, context):
+        return pipe.unet.apply({"params": unet_params}, x, t, context)
+
+    rescale = guidance_rescale if config.use_guidance_rescale else 0.0
+    guided = cfg(denoise, jnp.asarray(guidance_scale, jnp.float32), rescale)
+    sched = pipe.scheduler
+    with jax.ensure_compile_time_eval():  # the schedule is host arithmetic: constants, not tracers
+        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps,
+                                    strength=config.strength)
+    if img2img:
+        if init_latents is None:
+            init_latents = encode_images(pipe, params, init_image, k_encode)
+        if tuple(init_latents.shape) != shape:
+            raise JaxdiffError(f"init latents of shape {tuple(init_latents.shape)} do not fit this "
+                               f"generation: expected NHWC {shape}")
+        x_start = img2img_start(sched, state, init_latents.astype(jnp.float32), noise)
+        out = sample(guided, sched, state, x_start, k_sample, (cond, uncond), scale_x_T=False)
+    else:
+        out = sample(guided, sched, state, noise, k_sample, (cond, uncond))
+    if config.output == "latents":
+        return out
+    return decode_latents(pipe, params, out)
+
+
+def decode_latents(pipe: StableDiffusion, params: dict, latents: jax.Array) -> jax.Array:
+    """Diffusion latents (B, h, w, C) → images (B, h·8, w·8, 3) float32 in [0, 1]."""
+    z = vae_lib.unscale_latents(pipe.vae.config, latents)
+    images = pipe.vae.apply({"params": params["vae"]}, z, method=pipe.vae.decode)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def encode_images(pipe: StableDiffusion, params: dict, images: jax.Array, key: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) in [0, 1] → diffusion latents (a posterior sample × scaling_factor)."""
+    posterior = pipe.vae.apply({"params": params["vae"]}, jnp.asarray(images, jnp.float32) * 2 - 1,
+                               method=pipe.vae.encode)
+    return vae_lib.scale_latents(pipe.vae.config, posterior.sample(key))
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+
+
+def generate(pipe: StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,
+             config: GenerateConfig = GenerateConfig(), guidance_rescale=0.0, latents=None,
+             init_image=None, init_latents=None) -> jax.Array:
+    """Generate images with classifier-free guidance, in one compiled program.
+
+    prompt_ids, negative_ids: (B, 77) int32 from `tokenize_prompts`.
+    key: PRNG key (initial noise, VAE posterior sample, stochastic schedulers).
+    guidance_scale: w in ε = ε_u + w (ε_c − ε_u); traced. guidance_rescale: traced, applied when
+        `config.use_guidance_rescale`.
+    latents: optional initial noise (B, h, w, C) NHWC float32 (unit Gaussian, scaled by the
+        scheduler's init_noise_sigma as diffusers does); default: drawn from `key`.
+    init_image: img2img start images (B, H, W, 3) in [0, 1] (encoded with the VAE), or
+        init_latents: already-encoded (scaled) latents (B, h, w, C); both need `config.strength`.
+    Returns (B, H, W, 3) float32 images in [0, 1] (or latents, see `GenerateConfig.output`).
+    """
+    if config.use_guidance_rescale is False and not _is_zero(guidance_rescale):
+        config = dataclasses.replace(config, use_guidance_rescale=True)
+    return _generate_jit(pipe, config, params, jnp.asarray(prompt_ids, jnp.int32),
+                         jnp.asarray(negative_ids, jnp.int32), key,
+                         jnp.asarray(guidance_scale, jnp.float32),
+                         jnp.asarray(guidance_rescale, jnp.float32), latents, init_image, init_latents)
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def compile_generate(pipe: StableDiffusion, params: dict, batch: int, *,
+                     config: GenerateConfig = GenerateConfig(), with_latents: bool = False):
+    """Ahead-of-time compile `generate` for `batch` prompts (text-to-image); returns the
+    compiled callable `fn(params, prompt_ids, negative_ids, key, guidance_scale,
+    guidance_rescale, latents)` — used by the script and benchmarks to time compilation."""
+    ids = jax.ShapeDtypeStruct((batch, pipe.max_length), jnp.int32)
+    key = jax.random.key(0)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    lat = jax.ShapeDtypeStruct(config.latent_shape(pipe, batch), jnp.float32) if with_latents else None
+    lowered = _generate_jit.lower(pipe, config, params, ids, ids, key, scalar, scalar, lat, None, None)
+    compiled = lowered.compile()
+
+    def run(params, prompt_ids, negative_ids, key, guidance_scale, guidance_rescale=0.0, latents=None):
+        return compiled(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(negative_ids, jnp.int32),
+                        key, jnp.asarray(guidance_scale, jnp.float32),
+                        jnp.asarray(guidance_rescale, jnp.float32), latents, None, None)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Every local device
+# --------------------------------------------------------------------------------------------
+
+def replicate_params(params: dict, devices: Sequence[jax.Device] | None = None) -> dict:
+    """One copy of the params on each local device (a leading device axis), for
+    `generate_parallel`. Each leaf is copied device to device; no stacked host copy is made."""
+    devices = list(devices or jax.local_devices())
+    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+
+    def rep(x):
+        x = jnp.asarray(x)
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
+
+    return jax.tree.map(rep, params)
+
+
+_generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
+                          in_axes=(None, None, 0, 0, 0, 0, None, None, 0, 0, 0))
+
+
+def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids, negative_ids,
+                      keys, guidance_scale=7.5, *, config: GenerateConfig = GenerateConfig(),
+                      guidance_rescale=0.0, latents=None, init_image=None,
+                      init_latents=None) -> jax.Array:
+    """`generate` on all local devices at once (`jax.pmap`).
+
+    replicated_params: from `replicate_params`. prompt_ids, negative_ids: (D·b, 77) — device d
+    gets rows d·b … d·b+b−1 (as do `latents`, `init_image`, `init_latents` when given).
+    keys: (D,) keys, one per device. Device d returns exactly what
+    `generate(pipe, params, prompt_ids[d·b:(d+1)·b], ..., keys[d])` returns.
+    Returns (D·b, H, W, 3) images (or latents), on the devices.
+    """
+    n = jax.local_device_count()
+    prompt_ids, negative_ids = np.asarray(prompt_ids, np.int32), np.asarray(negative_ids, np.int32)
+    if prompt_ids.shape[0] % n:
+        raise JaxdiffError(f"{prompt_ids.shape[0]} prompts do not split evenly over {n} devices; "
+                           f"use a multiple of {n}")
+    if len(keys) != n:
+        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+    if config.use_guidance_rescale is False and not _is_zero(guidance_rescale):
+        config = dataclasses.replace(config, use_guidance_rescale=True)
+
+    def split(x):
+        return None if x is None else jnp.asarray(x).reshape((n, -1) + tuple(np.shape(x)[1:]))
+
+    out = _generate_pmap(
+        pipe, config, replicated_params, split(prompt_ids), split(negative_ids), keys,
+        jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
+        split(latents), split(init_image), split(init_latents))
+    return out.reshape((-1,) + out.shape[2:])
+
+
+def load_latents(path: str | os.PathLike) -> np.ndarray:
+    """Initial latents saved as diffusers takes them — NCHW float32 `.npy` — as NHWC."""
+    p = Path(path)
+    if not p.is_file():
+        raise JaxdiffError(f"latents file {p} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise JaxdiffError(f"{p} is not a .npy array ({e})") from None
+    if arr.ndim != 4:
+        raise JaxdiffError(f"{p} holds shape {arr.shape}; latents must be NCHW (B, C, h, w)")
+    return np.ascontiguousarray(arr.astype(np.float32).transpose(0, 2, 3, 1))
+
+
+def check_latents(latents: np.ndarray, expected: tuple[int, ...], source: str = "latents") -> None:
+    """One clear error when NHWC `latents` do not have the `expected` shape (said in NCHW, as
+    the file holds them)."""
+    if tuple(latents.shape) != tuple(expected):
+        b, h, w, c = latents.shape
+        eb, eh, ew, ec = expected
+        raise JaxdiffError(f"{source} holds latents of NCHW shape ({b}, {c}, {h}, {w}); this run needs "
+                           f"({eb}, {ec}, {eh}, {ew}): batch = number of images, height and width / "
+                           f"the VAE factor")
+
+
+__all__ = ["StableDiffusion", "GenerateConfig", "load_pipeline", "tokenize_prompts", "encode_prompt",
+           "generate", "compile_generate", "generate_parallel", "replicate_params", "decode_latents",
+           "encode_images", "load_latents", "check_latents", "read_model_index"]
