@@ -1,0 +1,257 @@
+"""Training data: MNIST from IDX files, Hugging Face `datasets`, or the copy shipped with jaxdiff,
+and a shuffled, epoch-aware batch iterator whose position is saved with the checkpoint.
+
+Images are kept as uint8 ``(N, 28, 28, 1)`` (NHWC, 0..255) with int32 labels ``(N,)``; the train
+step turns them into floats in [-1, 1] on the device, so the host sends a quarter of the bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import socket
+import struct
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jaxdiff.errors import JaxdiffError
+
+# IDX file stems by split, as LeCun's site and torchvision name them.
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+HF_DATASET = "ylecun/mnist"
+HF_HOST = "huggingface.co"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """`images` uint8 (N, H, W, C) in 0..255, `labels` int32 (N,), `source` a line for people."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels {self.labels.shape} do not match {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files
+# --------------------------------------------------------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (gzipped or raw) as a numpy array of its declared shape (uint8 data only)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise JaxdiffError(f"{path} cannot be read ({e}); re-download the MNIST files") from None
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise JaxdiffError(f"{path} is not an IDX file (bad magic number); re-download the MNIST files")
+    type_code, ndim = data[2], data[3]
+    if type_code != 0x08:
+        raise JaxdiffError(f"{path}: IDX element type 0x{type_code:02x} is not supported (expected uint8)")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise JaxdiffError(f"{path} is truncated; re-download the MNIST files")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    count = int(np.prod(shape))
+    if len(data) != header + count:
+        raise JaxdiffError(f"{path} holds {len(data) - header} bytes of data, expected {count} for "
+                           f"shape {shape}; the file is truncated or corrupt")
+    return np.frombuffer(data, np.uint8, count, header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _from_idx_pair(images_path: Path, labels_path: Path, source: str) -> Dataset:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise JaxdiffError(f"{images_path} {images.shape} and {labels_path} {labels.shape} are not a "
+                           "matching (N, H, W) image file and (N,) label file")
+    return Dataset(np.ascontiguousarray(images[..., None]), labels.astype(np.int32), source)
+
+
+def load_idx_folder(folder: str | os.PathLike, split: str | None = None) -> Dataset:
+    """MNIST from a folder of IDX files. `split` None takes the train split when present and
+    the test split otherwise; a missing folder or one without IDX files is an error."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise JaxdiffError(f"data folder {folder} does not exist; pass --data-dir with the MNIST IDX files")
+    if not folder.is_dir():
+        raise JaxdiffError(f"{folder} is not a folder; pass --data-dir with the MNIST IDX files")
+    splits = [split] if split else ["train", "test"]
+    for name in splits:
+        if name not in IDX_NAMES:
+            raise JaxdiffError(f"unknown split {name!r}; choose one of: {', '.join(IDX_NAMES)}")
+        img_stem, lab_stem = IDX_NAMES[name]
+        images, labels = _find_idx(folder, img_stem), _find_idx(folder, lab_stem)
+        if images and labels:
+            return _from_idx_pair(images, labels, f"MNIST {name} split from {folder}")
+        if images or labels:
+            have, want = (images, lab_stem) if images else (labels, img_stem)
+            raise JaxdiffError(f"{folder} has {have.name} but no {want}[.gz]; add the matching file")
+    wanted = " or ".join(f"{IDX_NAMES[s][0]}[.gz] + {IDX_NAMES[s][1]}[.gz]" for s in splits)
+    raise JaxdiffError(f"no MNIST IDX files in {folder} (expected {wanted})")
+
+
+# --------------------------------------------------------------------------------------------
+# The other sources
+# --------------------------------------------------------------------------------------------
+
+def load_embedded() -> Dataset:
+    """The MNIST test set (10,000 digits) shipped inside jaxdiff: needs no network."""
+    assets = resources.files("jaxdiff") / "assets"
+    img_stem, lab_stem = IDX_NAMES["test"]
+    with resources.as_file(assets / f"{img_stem}.gz") as images, \
+            resources.as_file(assets / f"{lab_stem}.gz") as labels:
+        return _from_idx_pair(Path(images), Path(labels),
+                              "MNIST test split (10,000 digits) shipped with jaxdiff")
+
+
+def _hf_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _can_reach(host: str, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hf(split: str = "train", timeout: float = 3.0) -> Dataset | None:
+    """MNIST through Hugging Face `datasets` (from its cache when offline), or None when
+    `datasets` is not installed, the network is unreachable or the download fails."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return None
+    if not _hf_offline() and not _can_reach(HF_HOST, timeout):
+        return None
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(HF_DATASET, split=split)
+        images = np.stack([np.asarray(im, np.uint8) for im in ds["image"]])[..., None]
+        labels = np.asarray(ds["label"], np.int32)
+    except Exception as e:  # network, cache and format errors all mean "use another source"
+        print(f"Hugging Face datasets MNIST unavailable ({type(e).__name__}); using the embedded copy",
+              file=sys.stderr)
+        return None
+    return Dataset(images, labels, f"MNIST {split} split from Hugging Face datasets ({HF_DATASET})")
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None, *, split: str | None = None,
+               use_hf: bool = True, verbose: bool = True) -> Dataset:
+    """MNIST from `data_dir` (IDX files) when given; else Hugging Face `datasets` when installed
+    and reachable; else the test set shipped with jaxdiff. Prints one line naming the source."""
+    if data_dir is not None:
+        data = load_idx_folder(data_dir, split)
+    else:
+        data = (load_hf(split or "train") if use_hf else None) or load_embedded()
+    if verbose:
+        print(f"data: {data.source}, {len(data)} images {'x'.join(map(str, data.image_shape))}",
+              file=sys.stderr)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a `BatchIterator` stands: `epoch` (0-based) and `index`, the examples of that
+    epoch's permutation already handed out. Saved in checkpoints; restores exactly."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataPosition":
+        return cls(int(d["epoch"]), int(d["index"]))
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of `epoch`: a function of (seed, epoch) only, so any process can
+    recompute it and resuming needs only the position."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+class BatchIterator:
+    """Shuffled batches of `global_batch_size` examples, a new permutation each epoch; the
+    last partial batch of an epoch is dropped so every step sees the same shapes.
+
+    With several processes (hosts), each yields its own `process_index`-th slice of every
+    global batch. Yields dicts ``{"images": uint8 (B, H, W, C), "labels": int32 (B,)}``.
+    `position` after k batches is where batch k+1 starts; pass it back to resume."""
+
+    def __init__(self, data: Dataset, global_batch_size: int, *, seed: int = 0,
+                 position: DataPosition = DataPosition(), process_index: int = 0,
+                 process_count: int = 1):
+        if global_batch_size <= 0:
+            raise JaxdiffError(f"batch size must be positive, got {global_batch_size}")
+        if global_batch_size > len(data):
+            raise JaxdiffError(f"batch size {global_batch_size} is larger than the data set "
+                               f"({len(data)} images); use a smaller --batch-size")
+        if global_batch_size % process_count:
+            raise JaxdiffError(f"batch size {global_batch_size} does not split over {process_count} processes")
+        self.data = data
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.position = position
+        self._local = global_batch_size // process_count
+        self._offset = process_index * self._local
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.data) // self.global_batch_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = epoch_permutation(len(self.data), self.seed, epoch), epoch
+        return self._perm  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        epoch, index = self.position.epoch, self.position.index
+        if index + self.global_batch_size > len(self.data):
+            epoch, index = epoch + 1, 0
+        start = index + self._offset
+        ids = self._permutation(epoch)[start:start + self._local]
+        self.position = DataPosition(epoch, index + self.global_batch_size)
+        return {"images": self.data.images[ids], "labels": self.data.labels[ids]}

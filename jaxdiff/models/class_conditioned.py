@@ -1,0 +1,93 @@
+"""The diffusion course's class-conditioned UNet (unit 2): a learned label embedding, broadcast
+over the image and concatenated as extra input channels of a `UNet2DModel`.
+
+Parameter names follow the course's PyTorch `ClassConditionedUnet` (`class_emb`, `model`), so
+its state dict maps onto ours through `jaxdiff.weights.torch_state_to_flax` with no renaming.
+With `null_class` the table has one more row, label `num_classes`, that stands for "no label":
+training drops labels to it (`--cfg-dropout`) and classifier-free guidance samples against it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models.unet_2d import UNet2DModel
+
+# The course's UNet around the embedding (`in_channels` is 1 + class_emb_size).
+COURSE_UNET = dict(
+    sample_size=28, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+
+
+class ClassConditionedUnet(nn.Module):
+    """``__call__(x, t, class_labels)``: x (B, H, W, 1) in [-1, 1], t scalar or (B,) timesteps,
+    class_labels (B,) ints in [0, num_classes) (or `num_classes` = no label, with `null_class`)
+    → (B, H, W, out_channels) model output (the noise, for the course's scheduler)."""
+
+    model: UNet2DModel
+    num_classes: int = 10
+    class_emb_size: int = 4
+    null_class: bool = False
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.num_classes + int(self.null_class)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label meaning "unconditional", or None without `null_class`."""
+        return self.num_classes if self.null_class else None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t, class_labels: jax.Array) -> jax.Array:
+        if class_labels is None:
+            raise JaxdiffError("ClassConditionedUnet needs class_labels (B,) ints")
+        labels = jnp.asarray(class_labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise JaxdiffError(f"class_labels must be integer class ids, got dtype {labels.dtype}")
+        b, h, w, _ = x.shape
+        emb = nn.Embed(self.num_embeddings, self.class_emb_size, embedding_init=nn.initializers.normal(1.0),
+                       name="class_emb")(jnp.broadcast_to(labels, (b,)))
+        emb = jnp.broadcast_to(emb[:, None, None, :], (b, h, w, self.class_emb_size)).astype(x.dtype)
+        return self.model(jnp.concatenate([x, emb], axis=-1), t)
+
+    # ---------------------------------------------------------------- config
+    @classmethod
+    def create(cls, num_classes: int = 10, class_emb_size: int = 4, null_class: bool = False,
+               dtype=jnp.float32, **unet_config) -> "ClassConditionedUnet":
+        """The course's model by default; `unet_config` overrides UNet2DModel config keys."""
+        config = {**COURSE_UNET, **unet_config, "in_channels": unet_config.get("in_channels", 1) + class_emb_size}
+        return cls(model=UNet2DModel.from_config(config, dtype=dtype), num_classes=num_classes,
+                   class_emb_size=class_emb_size, null_class=null_class)
+
+    def to_config(self) -> dict:
+        return {"_class_name": "ClassConditionedUnet", "num_classes": self.num_classes,
+                "class_emb_size": self.class_emb_size, "null_class": self.null_class,
+                "unet": self.model.to_config()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], dtype=jnp.float32) -> "ClassConditionedUnet":
+        try:
+            unet = UNet2DModel.from_config(config["unet"], dtype=dtype)
+            return cls(model=unet, num_classes=int(config["num_classes"]),
+                       class_emb_size=int(config["class_emb_size"]),
+                       null_class=bool(config.get("null_class", False)))
+        except (KeyError, TypeError) as e:
+            raise JaxdiffError(f"not a ClassConditionedUnet config (missing or bad {e})") from None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.model.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h, w, self.model.in_channels - self.class_emb_size
+
+    def init_weights(self, rng: jax.Array) -> dict:
+        h, w, c = self.image_shape
+        return self.init(rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32),
+                         jnp.zeros((1,), jnp.int32))["params"]
