@@ -13,7 +13,7 @@ diffusers/transformers Flax ports, so:
 
 Every leaf is checked against the module's own parameter shapes (``jax.eval_shape`` of
 ``module.init``); unused and missing names are reported with the file they came from.
-Tensors are read one at a time from memory-mapped files, so loading needs little more host
+Tensors are read one at a time (plain reads, no memory map), so loading needs little more host
 memory than the parameters themselves.
 """
 from __future__ import annotations
@@ -140,32 +140,40 @@ def _safetensors_dtypes() -> dict:
 
 
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs of a safetensors file, each a read-only view of a memory map."""
+    """(name, array) pairs of a safetensors file, read one tensor at a time into a fresh array.
+
+    Plain reads, not a memory map: pages of a map stay resident (and counted) until it is
+    closed, which would add the whole file to the loader's peak memory; here only the tensor
+    being converted is held besides what the caller keeps."""
     path = Path(path)
     dtypes = _safetensors_dtypes()
     size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:
+        try:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length out of range")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise JaxdiffError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len \
-        else np.zeros((0,), np.uint8)
-    for name, info in header.items():
-        try:
-            dtype = dtypes[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-        except KeyError as e:
-            raise JaxdiffError(f"{path}: tensor {name!r} has an unsupported or missing {e}") from None
-        count = int(np.prod(shape)) if shape else 1
-        if end - start != count * np.dtype(dtype).itemsize or end > len(data):
-            raise JaxdiffError(f"{path}: tensor {name!r} is truncated or corrupt; re-download the file")
-        yield name, data[start:end].view(dtype).reshape(shape)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise JaxdiffError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        data_len = size - data_start
+        for name, info in header.items():
+            try:
+                dtype = dtypes[info["dtype"]]
+                start, end = info["data_offsets"]
+                shape = tuple(info["shape"])
+            except KeyError as e:
+                raise JaxdiffError(f"{path}: tensor {name!r} has an unsupported or missing {e}") from None
+            count = int(np.prod(shape)) if shape else 1
+            if end - start != count * np.dtype(dtype).itemsize or end > data_len:
+                raise JaxdiffError(f"{path}: tensor {name!r} is truncated or corrupt; re-download the file")
+            array = np.empty(shape, dtype)
+            f.seek(data_start + start)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != end - start:
+                raise JaxdiffError(f"{path}: tensor {name!r} is truncated; re-download the file")
+            yield name, array
 
 
 def read_msgpack(path: str | os.PathLike) -> dict:
