@@ -145,7 +145,7 @@ def _to_device(tree: dict) -> dict:
         if isinstance(v, dict):
             _to_device(v)
         else:
-            tree[k] = jax.device_put(v)
+            tree[k] = jax.device_put(v).block_until_ready()  # else the host copy lives on
     return tree
 
 
