@@ -1,0 +1,333 @@
+"""Loss guidance against the course's PyTorch loop, and that guidance does what it is for.
+
+Reference: the course's colour-guided sampling loops (unit 2, "Guidance", both variants), written
+out below in PyTorch with diffusers' `UNet2DModel` and `DDIMScheduler` (clip_sample, as the
+course's), given the same weights (the folder `save_pretrained` writes, loaded by jaxdiff) and the
+same x_T.
+
+Tolerances. In float64 both loops agree to ≤1e-4 relative after 10 steps at the course's strength
+(scale 40; measured ≤2e-5, the rest being the float32 ᾱ table both schedulers keep). In float32 a
+10-step DDIM loop of a random (untrained) UNet amplifies rounding ~100×: PyTorch float32 itself is
+~1e-4 away from PyTorch float64, and the colour loss's |·| and clip_sample's kinks make strong
+guidance chaotic. So the float32 test checks that jaxdiff is as close to the float64 reference as
+PyTorch float32 is, at a strength where the trajectory is smooth.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxdiff import guidance as G
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models.unet_2d import load_unet_2d
+from jaxdiff.schedulers import create_scheduler
+
+STEPS = 10
+TARGET = (0.1, 0.9, 0.5)  # the course's colour
+SCALE = 40.0              # the course's guidance_loss_scale
+RTOL = 1e-4
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """A tiny diffusers UNet2DModel + DDIMScheduler saved to disk, and both loaded by jaxdiff."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8).eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True)
+    folder = tmp_path_factory.mktemp("ddim-pipe")
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    module, params = load_unet_2d(folder)
+    sched = create_scheduler(folder / "scheduler")
+    state = sched.set_timesteps(sched.create_state(), STEPS)
+    return dict(torch_unet=unet, torch_scheduler=scheduler, module=module, params=params,
+                sched=sched, state=state, folder=folder)
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+
+
+def guided_loop(module, sched, state):
+    """A jitted guided loop; colour, scale and schedule are traced arguments. `.traces` records
+    every trace (= compilation)."""
+    traces = []
+
+    def run(params, x, key, target, scale, schedule, variant):
+        traces.append(variant)
+        denoise = lambda x_, t, c: module.apply({"params": params}, x_, t)  # noqa: E731
+        return G.guided_sample(denoise, sched, state, x, key, loss=G.make_color_loss(target),
+                               guidance_scale=scale, schedule=schedule, variant=variant)
+
+    fn = jax.jit(run, static_argnames="variant")
+    fn.traces = traces
+    return fn
+
+
+@pytest.fixture(scope="module")
+def run_guided(pipe):
+    return guided_loop(pipe["module"], pipe["sched"], pipe["state"])
+
+
+def course_loop(pipe, x_T, *, variant, scale, weights=None, dtype=torch.float32):
+    """The course's colour-guided DDIM loop in PyTorch (both variants), with an optional
+    per-timestep weight of the guidance (weights[t])."""
+    unet, scheduler = pipe["torch_unet"].to(dtype), pipe["torch_scheduler"]
+    scheduler.set_timesteps(STEPS)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dtype)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(dtype)
+
+    def color_loss(images, target_color=TARGET):
+        target = torch.tensor(target_color) * 2 - 1  # Map target color to (-1, 1)
+        target = target[None, :, None, None]
+        return torch.abs(images - target).mean()
+
+    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()).to(dtype)
+    for t in scheduler.timesteps:
+        if variant == "shortcut":
+            model_input = scheduler.scale_model_input(x, t)
+            with torch.no_grad():
+                noise_pred = unet(model_input, t)["sample"]
+            x = x.detach().requires_grad_()
+            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
+        else:
+            x = x.detach().requires_grad_()
+            model_input = scheduler.scale_model_input(x, t)
+            noise_pred = unet(model_input, t)["sample"]
+            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
+        loss = color_loss(x0) * scale
+        cond_grad = -torch.autograd.grad(loss, x)[0]
+        w = 1.0 if weights is None else float(weights[int(t)])
+        x = x.detach() + cond_grad * w
+        x = scheduler.step(noise_pred.detach(), t, x).prev_sample
+    pipe["torch_unet"].to(torch.float32)
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("variant", ["shortcut", "through_model"])
+def test_colour_guided_loop_matches_the_course_pytorch_loop_float64(pipe, x_T, variant):
+    x_T = x_T.astype(np.float64)
+    with jax.enable_x64(True):
+        module, params = load_unet_2d(pipe["folder"], dtype=jnp.float64, param_dtype=jnp.float64)
+        run = guided_loop(module, pipe["sched"], pipe["state"])
+        ac = pipe["state"].alphas_cumprod
+        for name in ("constant", "sqrt_alpha_bar"):
+            schedule = G.guidance_schedule(name, ac)
+            got = run(params, x_T, jax.random.key(0), jnp.asarray(TARGET), SCALE, schedule, variant)
+            want = course_loop(pipe, x_T, variant=variant, scale=SCALE, weights=np.asarray(schedule),
+                               dtype=torch.float64)
+            assert got.dtype == jnp.float64
+            assert rel_err(got, want) <= RTOL, name
+    unguided = course_loop(pipe, x_T, variant=variant, scale=0.0, dtype=torch.float64)
+    assert rel_err(want, unguided) > 0.5  # the guidance changed the samples a lot
+
+
+@pytest.mark.parametrize("variant", ["shortcut", "through_model"])
+def test_colour_guided_loop_float32_is_as_exact_as_pytorch_float32(pipe, x_T, run_guided, variant):
+    scale = 0.4  # smooth trajectories (see the module docstring); still a 5% change of the samples
+    schedule = G.guidance_schedule("sqrt_alpha_bar", pipe["state"].alphas_cumprod)
+    got = run_guided(pipe["params"], x_T, jax.random.key(0), jnp.asarray(TARGET), scale, schedule, variant)
+    kw = dict(variant=variant, scale=scale, weights=np.asarray(schedule))
+    exact = course_loop(pipe, x_T.astype(np.float64), dtype=torch.float64, **kw)
+    torch32 = course_loop(pipe, x_T, **kw)
+    unguided = course_loop(pipe, x_T, variant=variant, scale=0.0)
+    assert rel_err(got, exact) <= max(2 * rel_err(torch32, exact), RTOL)
+    assert rel_err(got, torch32) <= 5 * RTOL
+    assert rel_err(torch32, unguided) > 100 * RTOL
+
+
+def test_colour_guidance_lowers_the_colour_loss(pipe, x_T, run_guided):
+    target = jnp.asarray(TARGET)
+    ones = G.guidance_schedule("constant", pipe["state"].alphas_cumprod)
+    key = jax.random.key(0)
+    plain = run_guided(pipe["params"], x_T, key, target, 0.0, ones, "shortcut")
+    guided = run_guided(pipe["params"], x_T, key, target, SCALE, ones, "shortcut")
+    through = run_guided(pipe["params"], x_T, key, target, SCALE, ones, "through_model")
+    plain_loss = G.color_loss(plain, target)
+    assert (G.color_loss(guided, target) < 0.8 * plain_loss).all()
+    assert (G.color_loss(through, target) < 0.8 * plain_loss).all()
+
+
+def test_changing_scale_schedule_or_colour_does_not_recompile(pipe, x_T, run_guided):
+    ac = pipe["state"].alphas_cumprod
+    key = jax.random.key(1)
+    before = len(run_guided.traces)
+    for scale, name, colour in [(1.0, "constant", TARGET), (5.0, "alpha_bar", (1.0, 0.0, 0.0)),
+                                (20.0, "sqrt_one_minus_alpha_bar", G.parse_color("#336699"))]:
+        run_guided(pipe["params"], x_T, key, jnp.asarray(colour, jnp.float32), scale,
+                   G.guidance_schedule(name, ac), "shortcut")
+    traced = run_guided.traces[before:]
+    assert traced.count("shortcut") <= 1  # at most the first call of this test traces
+    size = run_guided._cache_size()
+    run_guided(pipe["params"], x_T, key, jnp.asarray(TARGET), 2.5,
+               G.guidance_schedule("sqrt_alpha_bar", ac), "shortcut")
+    assert run_guided._cache_size() == size
+
+
+def test_guided_sampling_works_on_a_class_conditioned_model(pipe, x_T):
+    """Loss guidance is model-agnostic: the cond (class labels here) goes to the denoiser."""
+    from jaxdiff.models.class_conditioned import ClassConditionedUnet
+    from jaxdiff.models.unet_2d import UNet2DModel
+
+    unet = UNet2DModel(sample_size=16, in_channels=1 + 4, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    model = ClassConditionedUnet(unet, num_classes=10, class_emb_size=4)
+    x = jnp.asarray(x_T[..., :1])
+    labels = jnp.array([3, 7])
+    params = random_params(jax.eval_shape(model.init, jax.random.key(0), x, jnp.int32(0), labels)["params"])
+    sched, state = pipe["sched"], pipe["state"]
+    denoise = lambda x_, t, c: model.apply({"params": params}, x_, t, c)  # noqa: E731
+    bright = G.make_color_loss(0.9)  # a grey level: steer the digits towards bright strokes
+
+    @jax.jit
+    def run(scale):
+        return G.guided_sample(denoise, sched, state, x, jax.random.key(0), labels, loss=bright,
+                               guidance_scale=scale, variant="through_model")
+
+    grey = jnp.array([0.9])
+    assert (G.color_loss(run(30.0), grey) < 0.8 * G.color_loss(run(0.0), grey)).all()
+
+
+def random_params(shapes, std=0.2):
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(rng.normal(0, std, s.shape), s.dtype) for s in leaves])
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP loss pieces
+# --------------------------------------------------------------------------------------------
+
+def test_spherical_distance_is_the_course_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    input_normed = torch.nn.functional.normalize(ta.unsqueeze(1), dim=2)
+    embed_normed = torch.nn.functional.normalize(tb.unsqueeze(0), dim=2)
+    want = input_normed.sub(embed_normed).norm(dim=2).div(2).arcsin().pow(2).mul(2)
+    got = G.spherical_distance(jnp.asarray(a)[:, None], jnp.asarray(b)[None])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cutouts_without_augmentation_are_the_image_resized():
+    import torch.nn.functional as F
+
+    images = np.random.default_rng(0).random((2, 24, 24, 3)).astype(np.float32)
+    cuts = G.make_cutouts(jax.random.key(0), jnp.asarray(images), 3, 16, G.Augmentation.none())
+    assert cuts.shape == (3, 2, 16, 16, 3)
+    want = F.interpolate(torch.from_numpy(images.transpose(0, 3, 1, 2)), size=(16, 16), mode="bilinear",
+                         align_corners=False).numpy().transpose(0, 2, 3, 1)
+    for cut in cuts:
+        np.testing.assert_allclose(cut, want, atol=1e-5)
+
+
+def test_cutouts_are_random_per_cut_and_image_and_differentiable():
+    images = jnp.asarray(np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32))
+    cuts = G.make_cutouts(jax.random.key(0), images, 4, 16)
+    flat = np.asarray(cuts).reshape(8, -1)
+    assert len({tuple(np.round(r[:20], 5)) for r in flat}) == 8
+    grad = jax.jit(jax.grad(lambda im: G.make_cutouts(jax.random.key(0), im, 4, 16).sum()))(images)
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
+
+
+def test_parse_color_and_prompts():
+    np.testing.assert_allclose(G.parse_color("#19e680"), [25 / 255, 230 / 255, 128 / 255])
+    np.testing.assert_allclose(G.parse_color("0.1, 0.9, 0.5"), TARGET)
+    np.testing.assert_allclose(G.parse_color("fff"), [1, 1, 1])
+    for bad in ("#12345", "red", "0.1,2,0.5", "0.1,0.2"):
+        with pytest.raises(JaxdiffError, match="colour"):
+            G.parse_color(bad)
+    texts, weights = G.parse_prompts(["Red Rose (still life), red flower painting:3", "blurry:-1"])
+    assert texts == ["Red Rose (still life), red flower painting", "blurry"]
+    np.testing.assert_allclose(weights, [1.0, -1 / 3])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    from jaxdiff.models.clip import load_clip
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=8, eos_token_id=98,
+                         bos_token_id=97, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        projection_dim=16)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    module, params = load_clip(folder)
+    return module, params, folder
+
+
+def test_clip_loss_matches_the_course_loss_without_augmentation(tiny_clip):
+    """With no augmentation, our loss is the course's `clip_loss` of the image mapped to [0, 1]."""
+    from transformers import CLIPModel
+
+    module, params, folder = tiny_clip
+    ids = jnp.array([[97, 5, 6, 98, 0, 0, 0, 0]])
+    text = G.encode_prompts(module, params, ids)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    features = lambda im: module.apply({"params": params}, im, method=module.get_image_features)  # noqa: E731
+    loss = G.make_clip_loss(features, text, n_cuts=2, size=16, augmentation=G.Augmentation.none())
+    got = loss(jnp.asarray(x0), jax.random.key(0))
+
+    # transformers' PyTorch CLIP with the same weights, the course's clip_loss
+    torch_clip = CLIPModel.from_pretrained(folder).eval()
+    mean = torch.tensor(G.CLIP_MEAN)[None, :, None, None]
+    std = torch.tensor(G.CLIP_STD)[None, :, None, None]
+    image = (torch.from_numpy(x0.transpose(0, 3, 1, 2)) + 1) / 2
+    with torch.no_grad():
+        image_features = torch_clip.get_image_features((image - mean) / std).pooler_output
+        text_features = torch_clip.get_text_features(torch.from_numpy(np.asarray(ids)).long()).pooler_output
+    input_normed = torch.nn.functional.normalize(image_features.unsqueeze(1), dim=2)
+    embed_normed = torch.nn.functional.normalize(text_features.unsqueeze(0), dim=2)
+    dists = input_normed.sub(embed_normed).norm(dim=2).div(2).arcsin().pow(2).mul(2)
+    np.testing.assert_allclose(np.asarray(got), dists[:, 0].numpy(), rtol=1e-4)
+
+
+def test_clip_guidance_lowers_the_clip_loss(pipe, tiny_clip, x_T):
+    module, params, _ = tiny_clip
+    text = G.encode_prompts(module, params, jnp.array([[97, 11, 12, 13, 98, 0, 0, 0]]))
+    features = lambda im: module.apply({"params": params}, im, method=module.get_image_features)  # noqa: E731
+    loss = G.make_clip_loss(features, text, n_cuts=4, size=16)
+    sched, state = pipe["sched"], pipe["state"]
+    unet, unet_params = pipe["module"], pipe["params"]
+    schedule = G.guidance_schedule("sqrt_alpha_bar", state.alphas_cumprod)
+
+    @jax.jit
+    def run(scale):
+        denoise = lambda x_, t, c: unet.apply({"params": unet_params}, x_, t)  # noqa: E731
+        return G.guided_sample(denoise, sched, state, jnp.asarray(x_T), jax.random.key(0), loss=loss,
+                               guidance_scale=scale, schedule=schedule)
+
+    plain = G.make_clip_loss(features, text, n_cuts=1, size=16, augmentation=G.Augmentation.none())
+    before = plain(run(0.0), jax.random.key(1))
+    after = plain(run(300.0), jax.random.key(1))
+    assert (after < before).all()
+
+
+def test_clip_loss_refuses_grey_images_and_a_missing_key():
+    loss = G.make_clip_loss(lambda im: im.mean(axis=(1, 2)), jnp.ones((1, 3)), size=16)
+    with pytest.raises(JaxdiffError, match="RGB"):
+        loss(jnp.zeros((1, 16, 16, 1)), jax.random.key(0))
+    with pytest.raises(JaxdiffError, match="PRNG key"):
+        loss(jnp.zeros((1, 16, 16, 3)), None)
