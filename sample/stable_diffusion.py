@@ -7,7 +7,8 @@ Writes `OUT/000.png`, `OUT/001.png`, ... The whole run (text encoder, sampling l
 classifier-free guidance, VAE decoder) is one compiled program; the progress bar shows its
 stages (load, compile, generate, save), not individual steps, because the loop never returns
 to the host. With several devices and a number of images divisible by their count, the images
-are generated in parallel (`pmap`). `--latents FILE.npy` takes initial latents as diffusers
+are generated in parallel (`pmap`, one key per device split from --seed, so the same seed gives
+other images on another number of devices; `--devices one` runs on one). `--latents FILE.npy` takes initial latents as diffusers
 takes them (NCHW float32), so a run can be reproduced exactly against another implementation.
 The XLA compilation cache (`--compile-cache`, default ~/.cache/jaxdiff/xla) makes a second run
 start without recompiling.
@@ -99,21 +100,30 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     _check(args)
 
-    import jax
     import jax.numpy as jnp
-    import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
     from jaxdiff.compile_cache import enable_compilation_cache
-    from jaxdiff.pipelines import stable_diffusion as sd
 
     if not args.no_compile_cache:
         enable_compilation_cache(args.compile_cache)
     dtype = jnp.dtype(DTYPES[args.dtype])
     vae_dtype = jnp.dtype(DTYPES[args.vae_dtype]) if args.vae_dtype else None
-    times = {}
-    bar = tqdm(total=4, desc="load", bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+    times: dict[str, float] = {}
+    bar = tqdm(total=4, desc="load", leave=False, bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+    try:
+        return _run(args, bar, times, dtype, vae_dtype)
+    finally:
+        bar.close()
+
+
+def _run(args, bar, times: dict, dtype, vae_dtype) -> list[Path]:
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from jaxdiff.pipelines import stable_diffusion as sd
+
 
     t0 = time.perf_counter()
     pipe, params = sd.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,

@@ -108,6 +108,24 @@ def test_folders_load_with_the_right_components(pipelines):
     assert set(params1) == {"unet", "vae", "text_encoder"}
     assert pipe1.vae_scale_factor == 2 and pipe1.default_size == 32
     assert pipe1.vae.dtype == jnp.float32  # force_upcast VAE
+    euler = pipe1.with_scheduler("euler").scheduler
+    assert euler.name == "euler" and euler.beta_schedule == pipe1.scheduler.beta_schedule == "scaled_linear"
+
+
+def test_init_image_is_read_resized_and_scaled_to_unit_range(tmp_path):
+    from PIL import Image
+
+    from sample.stable_diffusion import load_init_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(37, 45, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    own = load_init_image(str(tmp_path / "init.png"), None, None, 8)  # floor to multiples of 8
+    assert own.shape == (1, 32, 40, 3) and 0.0 <= own.min() and own.max() <= 1.0
+    exact = load_init_image(str(tmp_path / "init.png"), 37, 45, 1)
+    np.testing.assert_allclose(exact[0], pixels / 255.0, atol=1e-7)
+    with pytest.raises(JaxdiffError, match="not an image"):
+        (tmp_path / "bad.png").write_text("nope")
+        load_init_image(str(tmp_path / "bad.png"), None, None, 8)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
