@@ -480,7 +480,8 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safet
 
 
 def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
-              param_dtype=jnp.float32, hidden_act: str | None = None) -> tuple[nn.Module, dict]:
+              param_dtype=jnp.float32, hidden_act: str | None = None,
+              variant: str | None = None) -> tuple[nn.Module, dict]:
     """`(module, params)` from a transformers CLIP folder or an OpenAI/open_clip ViT state dict.
 
     `path`: a transformers folder (config.json + model.safetensors or flax_model.msgpack; a
@@ -488,7 +489,7 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
     or an open_clip-layout `*.safetensors` file. `dtype` is the compute dtype, `param_dtype` the
     dtype of the loaded parameters. `hidden_act` overrides the activation of an open_clip state
     dict, which does not record it (default: OpenAI's `quick_gelu`, or what an
-    `open_clip_config.json` beside it says)."""
+    `open_clip_config.json` beside it says). `variant` prefers e.g. `model.fp16.safetensors`."""
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".safetensors":
@@ -502,7 +503,7 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
                 if (p / name).is_file():
                     return load_open_clip(p / name, dtype=dtype, param_dtype=param_dtype, hidden_act=hidden_act)
     folder, raw = W.read_config(p, subfolder)
-    architecture = _architecture(folder, raw)
+    architecture = _architecture(folder, raw, variant)
     if architecture == "CLIPModel":
         config = CLIPConfig.from_dict(raw)
     elif architecture.startswith("CLIPText"):
@@ -511,14 +512,16 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
         config = CLIPVisionConfig.from_dict(raw.get("vision_config", raw))
     module = build_model(architecture, config, dtype)
     params = W.load_params(folder, param_shapes(module), ignore=_is_buffer, dtype=param_dtype,
-                           torch_rename=_tower_prefix(architecture))
+                           torch_rename=_tower_prefix(architecture), variant=variant)
     return module, params
 
 
 def load_text_encoder(path: str | os.PathLike, *, subfolder: str | None = "text_encoder",
-                      dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[nn.Module, dict]:
+                      dtype=jnp.float32, param_dtype=jnp.float32,
+                      variant: str | None = None) -> tuple[nn.Module, dict]:
     """A pipeline's (or a folder's own) CLIP text encoder; anything but a CLIP text model is an error."""
-    module, params = load_clip(path, subfolder=subfolder, dtype=dtype, param_dtype=param_dtype)
+    module, params = load_clip(path, subfolder=subfolder, dtype=dtype, param_dtype=param_dtype,
+                               variant=variant)
     if not isinstance(module, (CLIPTextModel, CLIPTextModelWithProjection)):
         raise JaxdiffError(f"{path} holds a {type(module).__name__}, not a CLIP text encoder")
     return module, params
@@ -540,14 +543,14 @@ def _tower_prefix(architecture: str):
     return lambda name: tower + name if name.startswith(_TOWER_PARTS) else name
 
 
-def _architecture(folder: Path, config: Mapping) -> str:
+def _architecture(folder: Path, config: Mapping, variant: str | None = None) -> str:
     for name in config.get("architectures") or []:
         name = name[len("Flax"):] if name.startswith("Flax") else name
         if name in ARCHITECTURES:
-            return _with_projection(folder, name)
+            return _with_projection(folder, name, variant)
     model_type = config.get("model_type")
     if model_type in MODEL_TYPES and not config.get("architectures"):
-        return _with_projection(folder, MODEL_TYPES[model_type])
+        return _with_projection(folder, MODEL_TYPES[model_type], variant)
     found = config.get("_class_name") or ", ".join(config.get("architectures") or []) or model_type \
         or "model without a model_type"
     raise JaxdiffError(
@@ -555,19 +558,19 @@ def _architecture(folder: Path, config: Mapping) -> str:
         f"CLIPTextModel, CLIPVisionModel, ...) or an open_clip ViT *.safetensors state dict")
 
 
-def _with_projection(folder: Path, architecture: str) -> str:
+def _with_projection(folder: Path, architecture: str, variant: str | None = None) -> str:
     """A config without `architectures` may still hold projection weights: look at the names."""
     if architecture not in ("CLIPTextModel", "CLIPVisionModel"):
         return architecture
     projection = "text_projection" if architecture == "CLIPTextModel" else "visual_projection"
-    names = _weight_names(folder)
+    names = _weight_names(folder, variant)
     if any(n.split(".")[0].split("/")[0] == projection for n in names):
         return architecture.replace("Model", "ModelWithProjection")
     return architecture
 
 
-def _weight_names(folder: Path) -> list[str]:
-    files = W.find_weights(folder)
+def _weight_names(folder: Path, variant: str | None = None) -> list[str]:
+    files = W.find_weights(folder, variant)
     if files[0].suffix == ".msgpack":
         return list(W.read_msgpack(files[0]).keys())
     names = []
