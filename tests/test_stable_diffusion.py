@@ -112,6 +112,21 @@ def test_folders_load_with_the_right_components(pipelines):
     assert euler.name == "euler" and euler.beta_schedule == pipe1.scheduler.beta_schedule == "scaled_linear"
 
 
+def test_fp16_variant_folder_loads_every_component(folders, pipelines, tmp_path):
+    """A pipeline saved in fp16 with `variant="fp16"` (only `*.fp16.safetensors` files, as an
+    fp16 download holds) loads; its weights are the float32 ones rounded to fp16."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(folders["sd2"], torch_dtype=torch.float16).save_pretrained(
+        tmp_path, variant="fp16")
+    assert (tmp_path / "text_encoder" / "model.fp16.safetensors").is_file()
+    assert not (tmp_path / "text_encoder" / "model.safetensors").is_file()
+    _, params16 = sd.load_pipeline(tmp_path, variant="fp16", dtype=jnp.float32)
+    _, params32 = pipelines["sd2"]
+    for got, want in zip(jax.tree.leaves(params16), jax.tree.leaves(params32)):
+        np.testing.assert_array_equal(got, np.asarray(want).astype(np.float16).astype(np.float32))
+
+
 def test_init_image_is_read_resized_and_scaled_to_unit_range(tmp_path):
     from PIL import Image
 

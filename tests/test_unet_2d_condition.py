@@ -89,7 +89,7 @@ def reference(model, x, t, ctx, class_labels=None) -> np.ndarray:
     return out.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("name,size", [("sd1", (16, 16)), ("sd1", (10, 14)), ("sd2", (16, 12))])
+@pytest.mark.parametrize("name,size", [("sd1", (16, 16)), ("sd2", (10, 14))])
 def test_unet_matches_diffusers(unets, name, size):
     """SD1 and SD2 settings; (10, 14) is not divisible by 2**2, so the upsamplers take the skip
     connections' sizes (diffusers' forward_upsample_size)."""

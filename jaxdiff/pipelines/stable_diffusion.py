@@ -186,7 +186,7 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     vae_params = _to_device(vae_params)
 
     te_dtype = text_encoder_dtype or dtype
-    text_encoder, te_params = clip_lib.load_text_encoder(root, dtype=te_dtype,
+    text_encoder, te_params = clip_lib.load_text_encoder(root, dtype=te_dtype, variant=variant,
                                                          param_dtype=param_dtype or te_dtype)
     te_params = _to_device(te_params)
 
