@@ -67,6 +67,10 @@ def _check(args) -> None:
         raise JaxdiffError(f"--strength must be in (0, 1], got {args.strength}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise JaxdiffError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    for flag, path in (("--model-dir", args.model_dir), ("--latents", args.latents),
+                       ("--init-image", args.init_image)):
+        if path and not Path(path).exists():
+            raise JaxdiffError(f"{flag} {path} does not exist")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
