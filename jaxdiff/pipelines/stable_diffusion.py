@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import autoencoder_kl as vae_lib
@@ -401,19 +402,11 @@ def compile_generate(pipe: StableDiffusion, params: dict, batch: int, *,
 # Every local device
 # --------------------------------------------------------------------------------------------
 
-def replicate_params(params: dict, devices: Sequence[jax.Device] | None = None) -> dict:
+def replicate_params(params: dict) -> dict:
     """One copy of the params on each local device (a leading device axis), for
-    `generate_parallel`. Each leaf is copied device to device; no stacked host copy is made."""
-    devices = list(devices or jax.local_devices())
-    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-
-    def rep(x):
-        x = jnp.asarray(x)
-        shards = [jax.device_put(x[None], d) for d in devices]
-        return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
-
-    return jax.tree.map(rep, params)
+    `generate_parallel` (`jaxdiff.parallel.replicate`: each leaf copied device to device, no
+    stacked host copy)."""
+    return parallel.replicate(params)
 
 
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
@@ -432,7 +425,7 @@ def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids
     `generate(pipe, params, prompt_ids[d·b:(d+1)·b], ..., keys[d])` returns.
     Returns (D·b, H, W, 3) images (or latents), on the devices.
     """
-    n = jax.local_device_count()
+    n = parallel.device_count()
     prompt_ids, negative_ids = np.asarray(prompt_ids, np.int32), np.asarray(negative_ids, np.int32)
     if prompt_ids.shape[0] % n:
         raise JaxdiffError(f"{prompt_ids.shape[0]} prompts do not split evenly over {n} devices; "
