@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
@@ -566,3 +568,45 @@ def load_unet(folder: str | os.PathLike, *, subfolder: str | None = "unet", dtyp
     param_dtype = param_dtype or dtype
     params = W.load_params(path, param_shapes(module, param_dtype), variant=variant, dtype=param_dtype)
     return module, params
+
+
+def config_dict(config: UNet2DConditionConfig) -> dict:
+    """The diffusers `config.json` dict of `config` (tuples as lists)."""
+    from jaxdiff.models.unet_2d import _diffusers_version
+
+    out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": _diffusers_version()}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = _to_json(value)
+    return out
+
+
+def _to_json(v):
+    return [_to_json(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def save_unet(folder: str | os.PathLike, module: UNet2DConditionModel, params: Mapping, *,
+              dtype=np.float32, variant: Optional[str] = None) -> Path:
+    """Write `module` and `params` as a diffusers folder (`config.json` +
+    `diffusion_pytorch_model[.<variant>].safetensors`) that diffusers'
+    `UNet2DConditionModel.from_pretrained` and `load_unet` read. `dtype=np.float16,
+    variant="fp16"` writes half-precision weights. Each file is written atomically."""
+    folder = Path(folder).expanduser()
+    template = param_shapes(module)
+    got = set(W.flatten(params))
+    want = set(W.flatten(template))
+    if got != want:
+        extra = sorted("/".join(k) for k in got - want)
+        missing = sorted("/".join(k) for k in want - got)
+        raise JaxdiffError(f"params do not match the UNet: missing {missing[:3]}, unexpected "
+                           f"{extra[:3]}; pass the params that belong to this module")
+    flat_template = W.flatten(template)
+    for path, value in W.flatten(params).items():
+        if tuple(np.shape(value)) != tuple(flat_template[path].shape):
+            raise JaxdiffError(f"parameter {'/'.join(path)} has shape {tuple(np.shape(value))}, the "
+                               f"UNet expects {tuple(flat_template[path].shape)}")
+    state = W.flax_to_torch_state(jax.device_get(params), dtype=dtype)
+    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+    W.save_safetensors(state, folder / name)
+    W.save_json(config_dict(module.config), folder / "config.json")
+    return folder
