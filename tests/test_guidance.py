@@ -297,7 +297,7 @@ def test_clip_loss_matches_the_course_loss_without_augmentation(tiny_clip):
     image = (torch.from_numpy(x0.transpose(0, 3, 1, 2)) + 1) / 2
     with torch.no_grad():
         image_features = torch_clip.get_image_features((image - mean) / std).pooler_output
-        text_features = torch_clip.get_text_features(torch.from_numpy(np.asarray(ids)).long()).pooler_output
+        text_features = torch_clip.get_text_features(torch.tensor(np.array(ids)).long()).pooler_output
     input_normed = torch.nn.functional.normalize(image_features.unsqueeze(1), dim=2)
     embed_normed = torch.nn.functional.normalize(text_features.unsqueeze(0), dim=2)
     dists = input_normed.sub(embed_normed).norm(dim=2).div(2).arcsin().pow(2).mul(2)
@@ -331,3 +331,83 @@ def test_clip_loss_refuses_grey_images_and_a_missing_key():
         loss(jnp.zeros((1, 16, 16, 1)), jax.random.key(0))
     with pytest.raises(JaxdiffError, match="PRNG key"):
         loss(jnp.zeros((1, 16, 16, 3)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# The scripts
+# --------------------------------------------------------------------------------------------
+
+def test_color_guidance_script_writes_a_grid(pipe, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from sample import color_guidance
+
+    out = tmp_path / "grid.png"
+    color_guidance.main(["--model-dir", str(pipe["folder"]), "--color", "#19e680", "--steps", "3",
+                         "--batch-size", "2", "--out", str(out), "--no-compile-cache"])
+    summary = json.loads(capsys.readouterr().out)
+    assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert summary["images"] == 2 and summary["color"] == [0.098, 0.902, 0.502]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--color", "purple"], "cannot read the colour 'purple'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--class-label", "3"], "is not class-conditioned; drop --class-label"),
+])
+def test_color_guidance_script_bad_input_is_one_line(pipe, tmp_path, capsys, argv, message):
+    from sample import color_guidance
+
+    with pytest.raises(SystemExit) as e:
+        color_guidance.main(["--model-dir", str(pipe["folder"]), "--out", str(tmp_path / "x.png"), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_scripts_refuse_a_model_folder_that_is_not_a_unet_2d(fixtures_dir, tmp_path, capsys):
+    from sample import color_guidance
+
+    with pytest.raises(SystemExit):
+        color_guidance.main(["--model-dir", str(fixtures_dir / "tiny-sd-pt-v1" / "vae"),
+                             "--out", str(tmp_path / "x.png")])
+    assert "holds a AutoencoderKL, not a UNet2DModel" in capsys.readouterr().err
+
+
+def test_clip_guidance_script_refuses_a_clip_dir_of_the_wrong_kind(pipe, tmp_path, capsys):
+    from sample import clip_guidance
+
+    with pytest.raises(SystemExit):
+        clip_guidance.main(["--model-dir", str(pipe["folder"]), "--clip-dir", str(pipe["folder"] / "unet"),
+                            "--prompt", "a red rose", "--out", str(tmp_path / "x.png")])
+    assert "holds a UNet2DModel, not a CLIP model" in capsys.readouterr().err
+
+
+def test_clip_guidance_script_writes_a_grid(pipe, fixtures_dir, tmp_path, capsys):
+    """A tiny CLIPModel folder with the fixtures' tiny tokenizer beside its weights."""
+    import json
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from sample import clip_guidance
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=523, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, eos_token_id=522, bos_token_id=521, pad_token_id=522),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=16)
+    clip_dir = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(clip_dir)
+    for f in (fixtures_dir / "tiny-sd-pt-v1" / "tokenizer").iterdir():
+        shutil.copy(f, clip_dir)
+    out = tmp_path / "roses.png"
+    clip_guidance.main(["--model-dir", str(pipe["folder"]), "--clip-dir", str(clip_dir), "--prompt", "a red rose:2",
+                        "--prompt", "blurry:-1", "--steps", "2", "--batch-size", "1", "--n-cuts", "2",
+                        "--out", str(out), "--no-compile-cache"])
+    summary = json.loads(capsys.readouterr().out)
+    assert out.is_file() and summary["prompts"] == [{"text": "a red rose", "weight": 1.0},
+                                                    {"text": "blurry", "weight": -0.5}]

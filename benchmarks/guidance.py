@@ -1,0 +1,240 @@
+"""Cost of loss guidance: guided vs unguided sampling steps, and jaxdiff's loop vs the course's.
+
+Same random UNet2DModel in both frameworks (diffusers builds it and `save_pretrained`s it,
+jaxdiff loads the folder), DDIM with clip_sample as in the course, the course's colour loss at
+scale 40. For each of: no guidance, the shortcut variant, the gradient through the UNet, it times
+the whole `--steps`-step loop
+
+* in jaxdiff: one jitted `lax.scan` (`jaxdiff.guidance.guided_sample`), compile excluded;
+* in PyTorch: the course's Python loop (diffusers UNet2DModel + DDIMScheduler, autograd),
+
+alternating the contenders round by round, and prints
+
+* guided step cost / unguided step cost within jaxdiff (the issue's bars: shortcut ≤ 1.2×,
+  through the UNet ≤ 3.5×), and the same ratios for PyTorch;
+* speed vs PyTorch = t_torch / t_jax for each loop (> 1: jaxdiff is faster).
+
+`--clip` adds a CLIP-guided loop (jaxdiff only: the course's torchvision transforms are not
+available here) with a random ViT-B/32-shaped CLIP and 4 cutouts.
+
+    python benchmarks/guidance.py                       # CPU, "small" 64×64 UNet, batch 4, 10 steps
+    python benchmarks/guidance.py --preset course --batch 8 --steps 40     # the course's 256×256 UNet
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+PRESETS = {
+    # the course's architecture scaled to 64×64 for a 2-core CPU: single-head attention at 16×16
+    "small": dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1,
+                  block_out_channels=(64, 128, 128, 256), norm_num_groups=32,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                  attention_head_dim=None),
+    # google/ddpm-bedroom-256, the architecture of the course's wikiart model
+    "course": dict(sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+                   block_out_channels=(128, 128, 256, 256, 512, 512), norm_num_groups=32,
+                   down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+                   attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+                   norm_eps=1e-6),
+}
+TARGET = (0.1, 0.9, 0.5)
+SCALE = 40.0
+LOOPS = ("unguided", "shortcut", "through_model")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="timed repetitions of each loop")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch loops")
+    p.add_argument("--clip", action="store_true", help="also time a CLIP-guided loop (jaxdiff only)")
+    p.add_argument("--json", action="store_true", help="print the raw times as one JSON line too")
+    return p.parse_args(argv)
+
+
+def build(preset: str):
+    import torch
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from jaxdiff.models.unet_2d import load_unet_2d
+    from jaxdiff.schedulers import create_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**PRESETS[preset]).eval()
+    scheduler = DDIMScheduler(clip_sample=True)
+    with tempfile.TemporaryDirectory() as folder:
+        unet.save_pretrained(folder)
+        scheduler.save_pretrained(folder)
+        module, params = load_unet_2d(folder)
+        sched = create_scheduler(folder)
+    return unet, scheduler, module, params, sched
+
+
+def jax_loops(module, params, sched, steps, x_T, clip: bool):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import guidance as G
+    from jaxdiff.sampling import sample
+
+    state = sched.set_timesteps(sched.create_state(), steps)
+    schedule = G.guidance_schedule("constant", state.alphas_cumprod)
+    target = jnp.asarray(TARGET)
+
+    def run(params, x, key, scale, schedule, variant, loss_args=None):
+        denoise = lambda x_, t, c: module.apply({"params": params}, x_, t)  # noqa: E731
+        if variant == "unguided":
+            return sample(denoise, sched, state, x, key)
+        if variant == "clip":
+            clip_module, clip_params, text = loss_args
+            feats = lambda im: clip_module.apply({"params": clip_params}, im,  # noqa: E731
+                                                 method=clip_module.get_image_features)
+            loss = G.make_clip_loss(feats, text, n_cuts=4, size=224)
+            variant = "shortcut"
+        else:
+            loss = G.make_color_loss(target)
+        return G.guided_sample(denoise, sched, state, x, key, loss=loss, guidance_scale=scale,
+                               schedule=schedule, variant=variant)
+
+    fn = jax.jit(run, static_argnames="variant")
+    key = jax.random.key(0)
+    x = jnp.asarray(x_T)
+    loops, compile_s = {}, {}
+    variants = list(LOOPS) + (["clip"] if clip else [])
+    for variant in variants:
+        loss_args = None
+        if variant == "clip":
+            from jaxdiff.models.clip import CLIPConfig, CLIPModel, init_params
+
+            clip_module = CLIPModel(CLIPConfig())  # ViT-B/32 shapes
+            loss_args = (clip_module, init_params(clip_module, jax.random.key(1)),
+                         jax.random.normal(jax.random.key(2), (1, 512)))
+        t0 = time.perf_counter()
+        if variant == "clip":
+            compiled = jax.jit(lambda p, x, k, s, w, cp, te: run(p, x, k, s, w, "clip", (loss_args[0], cp, te))
+                               ).lower(params, x, key, SCALE, schedule, loss_args[1], loss_args[2]).compile()
+            loops["jax " + variant] = (lambda c=compiled, a=loss_args:
+                                       c(params, x, key, SCALE, schedule, a[1], a[2]).block_until_ready())
+        else:
+            compiled = fn.lower(params, x, key, SCALE, schedule, variant).compile()
+            loops["jax " + variant] = (lambda c=compiled:
+                                       c(params, x, key, SCALE, schedule).block_until_ready())
+        compile_s[variant] = time.perf_counter() - t0
+    return loops, compile_s
+
+
+def torch_loops(unet, scheduler, steps, x_T):
+    """The course's loops (unit 2, "Guidance"), verbatim but for the variable names."""
+    import torch
+
+    x_start = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
+
+    def color_loss(images, target_color=TARGET):
+        target = torch.tensor(target_color) * 2 - 1
+        target = target[None, :, None, None]
+        return torch.abs(images - target).mean()
+
+    def unguided():
+        scheduler.set_timesteps(steps)
+        x = x_start
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                noise_pred = unet(scheduler.scale_model_input(x, t), t)["sample"]
+            x = scheduler.step(noise_pred, t, x).prev_sample
+        return x
+
+    def shortcut():
+        scheduler.set_timesteps(steps)
+        x = x_start
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            with torch.no_grad():
+                noise_pred = unet(model_input, t)["sample"]
+            x = x.detach().requires_grad_()
+            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
+            loss = color_loss(x0) * SCALE
+            cond_grad = -torch.autograd.grad(loss, x)[0]
+            x = x.detach() + cond_grad
+            x = scheduler.step(noise_pred, t, x).prev_sample
+        return x
+
+    def through_model():
+        scheduler.set_timesteps(steps)
+        x = x_start
+        for t in scheduler.timesteps:
+            x = x.detach().requires_grad_()
+            model_input = scheduler.scale_model_input(x, t)
+            noise_pred = unet(model_input, t)["sample"]
+            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
+            loss = color_loss(x0) * SCALE
+            cond_grad = -torch.autograd.grad(loss, x)[0]
+            x = x.detach() + cond_grad
+            x = scheduler.step(noise_pred.detach(), t, x).prev_sample
+        return x
+
+    return {"torch unguided": unguided, "torch shortcut": shortcut, "torch through_model": through_model}
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+    import torch
+
+    unet, scheduler, module, params, sched = build(args.preset)
+    size = PRESETS[args.preset]["sample_size"]
+    x_T = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
+    fns, compile_s = jax_loops(module, params, sched, args.steps, x_T, args.clip)
+    if not args.no_torch:
+        fns = {**torch_loops(unet, scheduler, args.steps, x_T), **fns}
+    times = interleaved(fns, args.rounds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"\n== loss guidance, {args.preset} UNet2DModel {size}×{size}, batch {args.batch}, "
+          f"{args.steps} DDIM steps, jax on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"torch {torch.__version__} threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f} ==")
+    for k, ts in times.items():
+        variant = k.split(" ", 1)[1]
+        line = f"  {k:22s} median {med[k] * 1e3:9.1f} ms ({med[k] / args.steps * 1e3:7.1f} ms/step)"
+        if k.startswith("jax"):
+            line += f"  compile {compile_s[variant]:5.1f} s"
+        print(line)
+    print("  step cost relative to the unguided step (bars: shortcut ≤ 1.2×, through the UNet ≤ 3.5×):")
+    for side in ("jax", "torch"):
+        if f"{side} unguided" not in med:
+            continue
+        ratios = "  ".join(f"{v} {med[f'{side} {v}'] / med[f'{side} unguided']:5.2f}×"
+                           for v in LOOPS[1:] + (("clip",) if args.clip and side == "jax" else ())
+                           if f"{side} {v}" in med)
+        print(f"    {side:6s} {ratios}")
+    if not args.no_torch:
+        print("  speed vs the course's PyTorch loop (t_torch / t_jax; > 1: jaxdiff is faster):")
+        print("    " + "  ".join(f"{v} {med[f'torch {v}'] / med[f'jax {v}']:5.2f}×" for v in LOOPS))
+    if args.json:
+        print(json.dumps({"args": vars(args), "times": times, "compile_s": compile_s}))
+
+
+if __name__ == "__main__":
+    main()
