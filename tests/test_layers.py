@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from jaxdiff.models.attention import Attention
-from jaxdiff.models.layers import (Downsample2D, GaussianFourierProjection, ResnetBlock2D,
-                                   TimestepEmbedding, Upsample2D, get_timestep_embedding)
+from jaxdiff.models.layers import (Downsample2D, GaussianFourierProjection, GroupNorm,
+                                   ResnetBlock2D, TimestepEmbedding, Upsample2D,
+                                   get_timestep_embedding)
 from jaxdiff.weights import torch_state_to_flax
 
 ATOL = 1e-5
@@ -67,6 +68,21 @@ def test_fourier_projection_and_time_embedding_match_diffusers():
     x = torch.randn(3, 16)
     got = port(te, TimestepEmbedding(32), jnp.asarray(x.numpy()))
     np.testing.assert_allclose(got, te(x).detach().numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 5, 6), (2, 16, 7)])
+def test_group_norm_matches_torch(shape):
+    """NCHW images and (B, C, L) sequences, as the UNet and its attention use them; an offset
+    mean (3.0) checks the E[x²] − E[x]² statistics stay accurate in float32."""
+    ref = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    x = torch.randn(*shape) + 3.0
+    channels_last = (0,) + tuple(range(2, len(shape))) + (1,)
+    x_last = x.permute(*channels_last).numpy()
+    got = port(ref, GroupNorm(num_groups=4, epsilon=1e-6), jnp.asarray(x_last))
+    np.testing.assert_allclose(got, ref(x).detach().permute(*channels_last).numpy(), atol=ATOL)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.layers import GroupNorm
+
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -75,8 +77,8 @@ class Attention(nn.Module):
             spatial_shape = (b, h, w, c)
             hidden_states = hidden_states.reshape(b, h * w, c)
         if self.norm_num_groups is not None:
-            hidden_states = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.eps,
-                                         dtype=self.dtype, name="group_norm")(hidden_states)
+            hidden_states = GroupNorm(num_groups=self.norm_num_groups, epsilon=self.eps,
+                                      dtype=self.dtype, name="group_norm")(hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         inner = self.heads * self.dim_head
         dense = lambda n, bias: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=n)  # noqa: E731
