@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import JaxdiffError, unknown_choice
-from jaxdiff.models.layers import (GaussianFourierProjection, TimestepEmbedding, Timesteps, conv,
-                                   get_activation)
+from jaxdiff.models.layers import (GaussianFourierProjection, GroupNorm, TimestepEmbedding,
+                                   Timesteps, conv, get_activation)
 from jaxdiff.models.unet_2d_blocks import (MID_BLOCKS, RESAMPLE_TYPES, UNetMidBlock2D,
                                            check_down_block_type, check_up_block_type,
                                            get_down_block, get_up_block)
@@ -220,8 +220,8 @@ class UNet2DModel(nn.Module):
 
         # 6. post-process (the output activation is SiLU whatever act_fn says, as in diffusers)
         groups_out = self.norm_num_groups or min(self.block_out_channels[0] // 4, 32)
-        sample = nn.GroupNorm(num_groups=groups_out, epsilon=self.norm_eps, dtype=self.dtype,
-                              name="conv_norm_out")(sample)
+        sample = GroupNorm(num_groups=groups_out, epsilon=self.norm_eps, dtype=self.dtype,
+                           name="conv_norm_out")(sample)
         sample = nn.silu(sample)
         sample = conv(self.out_channels, 3, 1, 1, dtype=self.dtype, name="conv_out")(sample)
 
