@@ -15,6 +15,14 @@ Two workloads on the diffusion course's MNIST UNet (28×28×1, channels 32/64/64
   ≥ 10× diffusers' loop, 19.6 s measured on an H200; when torch has no CUDA here, that figure
   is the reference printed).
 
+Findings on this 2-core AMD EPYC (details in the commit log / report): pinned to one core
+(`taskset -c 0 ... --torch-threads 1`, the measurement least disturbed by other load) jaxdiff's
+forward runs at ~0.9x PyTorch (oneDNN); with both on 2 threads the ratio swings with the machine's
+load (0.7x quiet, >2x when other processes compete, since torch's OpenMP threads degrade more).
+XLA's NHWC 3x3 convs match oneDNN here; the gap was GroupNorm (fixed in layers.GroupNorm). No XLA
+flag in the sweep, bf16, matmul precision or donation changed the forward beyond noise, and NCHW
+convs are slower than NHWC in XLA.
+
     python benchmarks/unet_2d.py                       # CPU forward, batch 128
     python benchmarks/unet_2d.py --variants all --layouts --sweep
     python benchmarks/unet_2d.py --device gpu --steps 1000 --batch 80
