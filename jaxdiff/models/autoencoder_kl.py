@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
-from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from jaxdiff.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
@@ -182,7 +182,7 @@ class Encoder(nn.Module):
                                    add_downsample=i < len(c.block_out_channels) - 1,
                                    dtype=self.dtype, name=f"down_blocks_{i}")(x)
         x = _mid_block(c, self.dtype)(x)
-        x = nn.GroupNorm(num_groups=c.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
+        x = GroupNorm(num_groups=c.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.silu(x)
         return conv(2 * c.latent_channels, dtype=self.dtype, name="conv_out")(x)
 
@@ -205,7 +205,7 @@ class Decoder(nn.Module):
                                  resnet_act_fn=c.act_fn, resnet_groups=c.norm_num_groups,
                                  add_upsample=i < len(rev) - 1, dtype=self.dtype,
                                  name=f"up_blocks_{i}")(x)
-        x = nn.GroupNorm(num_groups=c.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
+        x = GroupNorm(num_groups=c.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.silu(x)
         return conv(c.out_channels, dtype=self.dtype, name="conv_out")(x)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import JaxdiffError, unknown_choice
 from jaxdiff.models.attention import Attention
+from jaxdiff.models.layers import GroupNorm
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu-approximate": "tanh", "geglu-approximate": "sigmoid"}
 FF_ACTIVATIONS = ("geglu",) + tuple(_GELU_APPROXIMATION)
@@ -137,7 +138,7 @@ class Transformer2DModel(nn.Module):
             raise JaxdiffError(f"Transformer2DModel expects {self.in_channels} channels, got {c}")
         inner = self.num_attention_heads * self.attention_head_dim
         residual = x
-        x = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        x = GroupNorm(num_groups=self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
             x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
         else:

@@ -31,7 +31,7 @@ from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
 from jaxdiff.models.layers import (GaussianFourierProjection, Timesteps, TimestepEmbedding,
                                    conv, get_activation)
-from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdiff.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from jaxdiff.models.transformer_2d import Transformer2DModel
 from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -474,7 +474,7 @@ class UNet2DConditionModel(nn.Module):
 
         # out
         if c.norm_num_groups is not None:
-            sample = nn.GroupNorm(num_groups=c.norm_num_groups, epsilon=c.norm_eps, dtype=self.dtype,
+            sample = GroupNorm(num_groups=c.norm_num_groups, epsilon=c.norm_eps, dtype=self.dtype,
                                   name="conv_norm_out")(sample)
             sample = get_activation(c.act_fn)(sample)
         sample = conv(c.out_channels, c.conv_out_kernel, 1, (c.conv_out_kernel - 1) // 2,
