@@ -80,6 +80,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, np.uint8, count, header).reshape(shape)
 
 
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file, gzipped when `path` ends in .gz."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (folder / name).is_file():

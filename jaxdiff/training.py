@@ -166,6 +166,30 @@ def fingerprint(tree: PyTree) -> str:
     return f"{crc:08x}"
 
 
+def _fields(state) -> dict:
+    """Top-level parts of a TrainState (or of its raw dict form read back without a template)."""
+    if isinstance(state, Mapping):
+        return dict(state)
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def state_fingerprints(state) -> dict[str, str]:
+    """`fingerprint` of each part (params, opt_state, ...) that is not None."""
+    return {k: fingerprint(v) for k, v in _fields(state).items() if v is not None}
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"params/conv_in/kernel": shape, ...} for a state, its raw dict form or orbax metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path):
+            tuple(leaf.shape) for path, leaf in leaves}
+
+
+class CheckpointMismatch(JaxdiffError):
+    """A readable checkpoint of a different model or optimizer: not skipped, since every older
+    checkpoint of the same run would not fit either."""
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -188,8 +212,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create, enable_async_checkpointing=save_async,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     @property
     def steps(self) -> list[int]:
@@ -200,7 +225,7 @@ class Checkpointer:
         ocp = self._ocp
         host_state = jax.device_get(state)
         step = int(host_state.step)
-        meta = {**dict(metadata or {}), "step": step, "fingerprint": fingerprint(host_state)}
+        meta = {**dict(metadata or {}), "step": step, "fingerprints": state_fingerprints(host_state)}
         if step in self.manager.all_steps():
             self.manager.delete(step)  # a re-run over the same step replaces it
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
@@ -208,35 +233,80 @@ class Checkpointer:
                           force=force)
         return step
 
-    def restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-        """The checkpoint at `step` shaped like `template` (arrays or ShapeDtypeStructs).
-        Raises JaxdiffError when it cannot be read or fails its fingerprint."""
+    def _read(self, step: int, state_args) -> tuple[Any, dict]:
         ocp = self._ocp
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
         where = self.directory / str(step)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise JaxdiffError(f"checkpoint {where} cannot be read ({msg})") from None
-        meta, state = dict(restored.meta or {}), restored.state
-        if "fingerprint" in meta and fingerprint(state) != meta["fingerprint"]:
-            raise JaxdiffError(f"checkpoint {where} does not match its fingerprint (damaged files)")
+        return restored.state, dict(restored.meta or {})
+
+    def _check(self, step: int, parts: Mapping, meta: Mapping) -> None:
+        expected = meta.get("fingerprints")
+        if not isinstance(expected, Mapping):
+            raise JaxdiffError(f"checkpoint {self.directory / str(step)} has no fingerprints in its metadata")
+        for name, value in parts.items():
+            if value is not None and fingerprint(value) != expected.get(name):
+                raise JaxdiffError(f"checkpoint {self.directory / str(step)}: {name} does not match "
+                                   "its fingerprint (damaged files)")
+
+    def _check_shapes(self, step: int, abstract) -> None:
+        where = self.directory / str(step)
+        try:
+            stored = _leaf_shapes(self.manager.item_metadata(step)["state"].tree)
+        except Exception as e:  # unreadable metadata: a damaged checkpoint
+            raise JaxdiffError(f"checkpoint {where} cannot be read ({type(e).__name__})") from None
+        wanted = _leaf_shapes(abstract)
+        for name in sorted(set(stored) | set(wanted)):
+            if stored.get(name) != wanted.get(name):
+                have = "nothing" if name not in stored else f"shape {stored[name]}"
+                want = "nothing" if name not in wanted else f"shape {wanted[name]}"
+                raise CheckpointMismatch(
+                    f"checkpoint {where} holds {have} for {name} where this run expects {want}: "
+                    "it was written for another model or optimizer configuration")
+
+    def restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
+        """The checkpoint at `step` shaped like `template` (arrays or ShapeDtypeStructs).
+        Raises JaxdiffError when it cannot be read, does not fit `template` or fails its
+        fingerprint."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
+        self._check_shapes(step, abstract)
+        state, meta = self._read(step, self._ocp.args.StandardRestore(abstract))
+        self._check(step, _fields(state), meta)
         return state, meta
 
-    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest readable checkpoint, or None when the folder has none. Damaged ones are
-        skipped with a warning; if every one is damaged, raises JaxdiffError."""
-        steps = self.steps
+    def restore_part(self, step: int, name: str = "params") -> tuple[PyTree, dict]:
+        """One part of the state (e.g. "params", "ema_params") as nested dicts of arrays, without
+        knowing the optimizer: what sampling needs. Raises JaxdiffError as `restore` does."""
+        state, meta = self._read(step, self._ocp.args.StandardRestore())
+        part = state.get(name) if isinstance(state, Mapping) else None
+        if part is None:
+            raise JaxdiffError(f"checkpoint {self.directory / str(step)} holds no {name}")
+        self._check(step, {name: part}, meta)
+        return part, meta
+
+    def restore_latest(self, template: TrainState | None = None, *, part: str = "params",
+                       move_aside: bool = True) -> tuple[Any, dict] | None:
+        """The newest readable checkpoint (the whole state shaped like `template`, or else only
+        `part`), or None when there is none. Damaged ones are skipped with a warning (and, with
+        `move_aside`, renamed `<step>.corrupt` so a resumed run can write that step again);
+        if every one is damaged, raises JaxdiffError."""
         last_error = None
-        for step in reversed(steps):
+        for step in reversed(self.steps):
             try:
-                return self.restore(step, template)
+                if template is not None:
+                    return self.restore(step, template)
+                return self.restore_part(step, part)
+            except CheckpointMismatch:
+                raise
             except JaxdiffError as e:
                 last_error = e
                 _warn(f"{e}; skipping it in favour of an earlier one")
-                self._move_aside(step)
+                if move_aside:
+                    self._move_aside(step)
         if last_error is not None:
             raise JaxdiffError(f"no usable checkpoint in {self.directory} (newest problem: {last_error})")
         return None

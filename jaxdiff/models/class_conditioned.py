@@ -87,7 +87,18 @@ class ClassConditionedUnet(nn.Module):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h, w, self.model.in_channels - self.class_emb_size
 
-    def init_weights(self, rng: jax.Array) -> dict:
+    def _init_params(self, rng: jax.Array) -> dict:
         h, w, c = self.image_shape
         return self.init(rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32),
                          jnp.zeros((1,), jnp.int32))["params"]
+
+    def init_weights(self, rng: jax.Array) -> dict:
+        """Freshly initialised parameters (the 'params' collection). One compiled program, built
+        without LLVM optimisation: it runs once, and XLA:CPU otherwise spends many seconds
+        optimising the random-number code of every parameter."""
+        init = jax.jit(self._init_params)
+        return init.lower(rng).compile({"xla_backend_optimization_level": 0})(rng)
+
+    def param_template(self) -> dict:
+        """The parameter tree as `jax.ShapeDtypeStruct`s (no memory, no compute)."""
+        return jax.eval_shape(self._init_params, jax.random.PRNGKey(0))

@@ -1,0 +1,146 @@
+"""Class-conditioned generation (the course's MNIST model): labels → images with any scheduler,
+optionally with classifier-free guidance, the whole reverse process in one jitted `lax.scan`.
+
+    model, params, run = load_run("runs/mnist")                     # a train.mnist run folder
+    generate = make_generator(model, run.sampler("ddim"), 50, use_cfg=True)
+    images = generate(params, labels, jax.random.key(0), 3.0)      # (N, 28, 28, 1) in [0, 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models.class_conditioned import ClassConditionedUnet
+from jaxdiff.sampling import cfg, sample
+from jaxdiff.schedulers import Scheduler, create_scheduler
+
+RUN_CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def class_labels(num_classes: int, per_class: int) -> np.ndarray:
+    """(num_classes * per_class,) labels 0,0,..,1,1,..: row i of a grid with `per_class` columns
+    is digit i."""
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def make_generator(model: ClassConditionedUnet, scheduler: Scheduler, num_inference_steps: int, *,
+                   use_cfg: bool = False) -> Callable:
+    """A jitted `generate(params, labels, key, guidance_scale=1.0) -> images`, images
+    (N, H, W, C) float32 in [0, 1] for `labels` (N,) ints.
+
+    With `use_cfg` (needs a model trained with a null class) every step evaluates the model on
+    the labels and on the null label and mixes them by `guidance_scale` (1.0 = conditional
+    only); without it `guidance_scale` is ignored and each step is one model call.
+    `guidance_scale`, `params`, `labels` and `key` are traced: new values do not recompile."""
+    if use_cfg and model.null_label is None:
+        raise JaxdiffError("classifier-free guidance needs a model trained with a null class "
+                           "(train with --cfg-dropout > 0); use --guidance-scale 1")
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps)
+    shape = model.image_shape
+
+    @jax.jit
+    def generate(params, labels, key, guidance_scale=1.0):
+        labels = jnp.asarray(labels, jnp.int32)
+        k_init, k_loop = jax.random.split(key)
+        x_T = jax.random.normal(k_init, (labels.shape[0],) + shape, jnp.float32)
+
+        def denoise(x, t, c):
+            return model.apply({"params": params}, x, t, c)
+
+        if use_cfg:
+            x0 = sample(cfg(denoise, guidance_scale), scheduler, state, x_T, k_loop,
+                        (labels, jnp.full_like(labels, model.null_label)))
+        else:
+            x0 = sample(denoise, scheduler, state, x_T, k_loop, labels)
+        return jnp.clip(x0 * 0.5 + 0.5, 0.0, 1.0)
+
+    return generate
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders written by train.mnist
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What `RUN/config.json` records: the model, the training scheduler and training options."""
+
+    model: dict
+    scheduler: dict
+    train: dict
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "RunConfig":
+        path = Path(run_dir) / RUN_CONFIG
+        if not Path(run_dir).is_dir():
+            raise JaxdiffError(f"run folder {run_dir} does not exist; pass the --out folder of train.mnist")
+        if not path.is_file():
+            raise JaxdiffError(f"{run_dir} is not a train.mnist run folder (no {RUN_CONFIG})")
+        try:
+            d = json.loads(path.read_text())
+            return cls(model=dict(d["model"]), scheduler=dict(d["scheduler"]), train=dict(d.get("train", {})))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise JaxdiffError(f"{path} is damaged ({type(e).__name__}: {e}); it should hold "
+                               "model, scheduler and train") from None
+
+    def build_model(self, dtype=jnp.float32) -> ClassConditionedUnet:
+        return ClassConditionedUnet.from_config(self.model, dtype=dtype)
+
+    def training_scheduler(self) -> Scheduler:
+        return create_scheduler(self.scheduler)
+
+    def sampler(self, name: str | None = None, **overrides) -> Scheduler:
+        """A sampling scheduler with the training schedule (betas, prediction type);
+        `name` switches the algorithm (ddim, dpm++, ...), None keeps the training one."""
+        return create_scheduler(self.scheduler, name=name, **overrides)
+
+
+def load_run(run_dir: str | Path, *, ema: bool | None = None, dtype=jnp.float32
+             ) -> tuple[ClassConditionedUnet, Any, RunConfig]:
+    """(model, params, run config) from the newest good checkpoint of a train.mnist run.
+    `ema`: True takes the EMA weights (an error if the run has none), False the raw weights,
+    None the EMA weights when present."""
+    from jaxdiff.training import Checkpointer
+    from jaxdiff.weights import flax_tree_to_flax
+
+    run = RunConfig.read(run_dir)
+    model = run.build_model(dtype)
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    if not ckpt_dir.is_dir():
+        raise JaxdiffError(f"{run_dir} has no checkpoints yet ({ckpt_dir} is missing)")
+    checkpointer = Checkpointer(ckpt_dir, create=False)
+    try:
+        has_ema = bool(run.train.get("ema_decay"))
+        if ema and not has_ema:
+            raise JaxdiffError(f"{run_dir} was trained without EMA (--ema-decay); drop --ema")
+        part = "ema_params" if (has_ema if ema is None else ema) else "params"
+        found = checkpointer.restore_latest(part=part, move_aside=False)
+    finally:
+        checkpointer.close()
+    if found is None:
+        raise JaxdiffError(f"no checkpoint in {ckpt_dir}; train first (python -m train.mnist)")
+    tree, _ = found
+    params = flax_tree_to_flax(tree, model.param_template(), source=f"{ckpt_dir} ({part})")
+    return model, jax.tree.map(jnp.asarray, params), run
+
+
+def sample_grid(model: ClassConditionedUnet, params: Mapping, scheduler: Scheduler, *,
+                num_inference_steps: int, per_class: int = 8, guidance_scale: float = 1.0,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, H, W, C) float32 in [0, 1], labels (N,)) with `per_class` of every class."""
+    labels = class_labels(model.num_classes, per_class)
+    use_cfg = guidance_scale != 1.0
+    generate = make_generator(model, scheduler, num_inference_steps, use_cfg=use_cfg)
+    images = generate(params, labels, jax.random.PRNGKey(seed), jnp.float32(guidance_scale))
+    return np.asarray(images), labels

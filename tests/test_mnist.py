@@ -1,0 +1,336 @@
+"""The course's class-conditioned MNIST model end to end: parity of the model with the course's
+PyTorch `ClassConditionedUnet`, the train and sample programs (summary, checkpoints, exact resume,
+SIGTERM, bad input), and (slow) the quality bar judged by the digit classifier."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.models.class_conditioned import ClassConditionedUnet
+from jaxdiff.weights import torch_state_to_flax
+
+ROOT = Path(__file__).resolve().parents[1]
+# One tiny configuration for every program run, so they share compiled programs (XLA cache).
+TINY = ["--model", "tiny", "--batch-size", "16", "--sample-steps", "2", "--per-class", "1",
+        "--cfg-dropout", "0.1", "--ema-decay", "0.99"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model against the course's PyTorch code
+# ------------------------------------------------------------------------------------------------
+
+def course_class_conditioned_unet(num_classes=10, class_emb_size=4):
+    """The course's model (unit 2, class-conditioned MNIST), as written there."""
+    import torch
+    from diffusers import UNet2DModel
+
+    class ClassConditionedUnet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.class_emb = torch.nn.Embedding(num_classes, class_emb_size)
+            self.model = UNet2DModel(
+                sample_size=28, in_channels=1 + class_emb_size, out_channels=1, layers_per_block=2,
+                block_out_channels=(32, 64, 64),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+        def forward(self, x, t, class_labels):
+            bs, ch, w, h = x.shape
+            class_cond = self.class_emb(class_labels)
+            class_cond = class_cond.view(bs, class_cond.shape[1], 1, 1).expand(bs, class_cond.shape[1], w, h)
+            return self.model(torch.cat((x, class_cond), 1), t).sample
+
+    return ClassConditionedUnet()
+
+
+@pytest.mark.parametrize("null_class", [False, True])
+def test_matches_the_course_pytorch_model_with_the_same_weights(null_class):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    reference = course_class_conditioned_unet(num_classes=10 + int(null_class)).eval()
+    with torch.no_grad():  # non-zero everywhere, so every weight matters
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model = ClassConditionedUnet.create(null_class=null_class)
+    params = torch_state_to_flax(((k, v.numpy()) for k, v in reference.state_dict().items()),
+                                 model.param_template(),
+                                 source="course ClassConditionedUnet")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    t = np.array([999, 500, 3])
+    labels = np.array([0, 7, 10 if null_class else 9])
+    with torch.no_grad():
+        expected = reference(torch.tensor(x), torch.tensor(t), torch.tensor(labels)).numpy()
+    got = jax.jit(model.apply)({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), t, labels)
+    # float32 through ~30 conv/attention layers; outputs are O(1).
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The programs
+# ------------------------------------------------------------------------------------------------
+
+def _env():
+    """The programs run on this machine's one CPU device (pmap over 8 is tested in-process)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["JAXDIFF_CACHE_DIR"] = str(ROOT / ".jax_cache")  # share compiled programs with the test run
+    env["HF_DATASETS_OFFLINE"] = "1"
+    return env
+
+
+def run_cli(module: str, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_in_process(*args) -> dict:
+    from train.mnist import parse_args, train
+
+    # --no-compile-cache: keep the test session's cache (conftest) rather than switch to the user's.
+    return train(parse_args(["--no-progress", "--no-compile-cache", *map(str, args)]))
+
+
+def final_params(run_dir: Path, part="params"):
+    from jaxdiff.training import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", create=False)
+    try:
+        return ckpt.restore_part(ckpt.steps[-1], part) + (ckpt.steps[-1],)
+    finally:
+        ckpt.close()
+
+
+def assert_same_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_dir):
+    """A tiny run of 3 steps with label dropout and EMA, through the command line."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    proc = run_cli("train.mnist", "--data-dir", mnist_dir, "--out", out, "--steps", 3,
+                   "--checkpoint-every", 2, *TINY)
+    return out, proc
+
+
+def test_train_prints_one_json_summary_and_writes_checkpoints_and_samples(trained_run):
+    out, proc = trained_run
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    summary = json.loads(lines[0])
+    assert summary["steps"] == 3 and summary["global_step"] == 3
+    assert summary["train_seconds"] > 0 and summary["images_per_s"] > 0
+    assert np.isfinite(summary["final_loss"]) and 0 < summary["final_loss"] < 5
+    assert "data: MNIST test split" in proc.stderr and "loss=" not in proc.stdout
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 3]
+    from PIL import Image
+
+    grid = Image.open(out / "samples.png")
+    assert grid.size == (2 * (1 * 30 + 2), 2 * (10 * 30 + 2))  # 1 column, 10 rows, 2x enlarged
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, mnist_dir):
+    common = ["--data-dir", mnist_dir, "--model", "tiny", "--batch-size", 16, "--no-samples",
+              "--cfg-dropout", 0.1, "--ema-decay", 0.9, "--checkpoint-every", 100]
+    train_in_process("--out", tmp_path / "straight", "--steps", 4, *common)
+    train_in_process("--out", tmp_path / "split", "--steps", 2, *common)
+    summary = train_in_process("--out", tmp_path / "split", "--steps", 4, "--resume", *common)
+    assert summary["steps"] == 2 and summary["global_step"] == 4
+    for part in ("params", "ema_params"):
+        straight, meta_a, _ = final_params(tmp_path / "straight", part)
+        split, meta_b, _ = final_params(tmp_path / "split", part)
+        assert_same_tree(split, straight)  # same data order, noise and optimizer state: bitwise
+        assert meta_a["data"] == meta_b["data"]
+
+
+def _read_until(proc, pattern: str, timeout: float) -> str:
+    """Read the child's stderr until `pattern` shows up (tqdm writes progress there)."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            chunk = b""
+        seen += chunk.decode(errors="replace")
+        if pattern in seen:
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} from the training process:\n{seen[-2000:]}")
+
+
+def _start_training(out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, args)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _stop_mid_run(proc, signum) -> str:
+    """Send `signum` once the child reports training progress; its stderr."""
+    try:
+        seen = _read_until(proc, "loss=", timeout=400)
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen + rest.decode(errors="replace")
+
+
+STOPPABLE = [*TINY, "--no-samples"]  # progress bar on: the tests wait for it
+
+
+def test_sigterm_mid_run_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    common = ["--data-dir", mnist_dir, *STOPPABLE]
+    proc = _start_training(out, "--steps", 100000, "--checkpoint-every", 100000, "--log-every", 1, *common)
+    stderr = _stop_mid_run(proc, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in stderr and "continue with --resume" in stderr
+    _, _, stopped_at = final_params(out)
+    assert stopped_at >= 1  # the step it was on when the signal came, saved although no checkpoint was due
+    run_cli("train.mnist", "--out", out, "--steps", stopped_at + 1, "--resume", *common, "--no-progress")
+    run_cli("train.mnist", "--out", tmp_path / "straight", "--steps", stopped_at + 1, *common, "--no-progress")
+    assert_same_tree(final_params(out)[0], final_params(tmp_path / "straight")[0])
+
+
+def test_ctrl_c_mid_run_checkpoints_and_exits_130(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    proc = _start_training(out, "--data-dir", mnist_dir, "--steps", 100000, "--checkpoint-every", 100000,
+                           "--log-every", 1, *STOPPABLE)
+    stderr = _stop_mid_run(proc, signal.SIGINT)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert final_params(out)[2] >= 1
+
+
+def test_sample_writes_a_grid_and_the_arrays(trained_run, tmp_path):
+    run, _ = trained_run
+    proc = run_cli("sample.mnist", "--run", run, "--out", tmp_path / "grid.png", "--steps", 3,
+                   "--per-class", 2, "--guidance-scale", 3, "--save-array", tmp_path / "s.npz")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 20 and result["steps"] == 3 and result["sample_seconds"] > 0
+    with np.load(tmp_path / "s.npz") as f:
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (20, 28, 28, 1) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_sampling_is_deterministic_for_a_seed_and_ddpm_runs_too(trained_run, tmp_path):
+    from jaxdiff.pipelines.class_conditioned import load_run, sample_grid
+
+    model, params, run = load_run(trained_run[0])
+    a, _ = sample_grid(model, params, run.sampler("ddpm"), num_inference_steps=3, per_class=1, seed=1)
+    b, _ = sample_grid(model, params, run.sampler("ddpm"), num_inference_steps=3, per_class=1, seed=1)
+    c, _ = sample_grid(model, params, run.sampler("ddpm"), num_inference_steps=3, per_class=1, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def _damaged_copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(run, copy)
+    for f in (copy / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return copy
+
+
+@pytest.mark.parametrize("case", [
+    "train_empty_data_dir", "train_missing_data_dir", "train_unknown_scheduler", "train_wrong_image_size",
+    "train_existing_run", "train_resume_other_lr", "train_resume_missing_run",
+    "sample_unknown_scheduler", "sample_missing_run", "sample_no_checkpoint", "sample_damaged_checkpoints",
+])
+def test_bad_input_is_one_clear_error_line_with_exit_code_2(case, trained_run, tmp_path):
+    run, _ = trained_run
+    data = tmp_path / "data"
+    data.mkdir()
+    args = {
+        "train_empty_data_dir": ("train.mnist", "--data-dir", data, "--out", tmp_path / "r", "--steps", 1),
+        "train_missing_data_dir": ("train.mnist", "--data-dir", tmp_path / "nope", "--out", tmp_path / "r"),
+        "train_unknown_scheduler": ("train.mnist", "--sample-scheduler", "ddmi", "--out", tmp_path / "r", *TINY),
+        "train_wrong_image_size": ("train.mnist", "--data-dir", data, "--out", tmp_path / "r", *TINY),
+        "train_existing_run": ("train.mnist", "--out", run, "--steps", 1, *TINY),
+        "train_resume_other_lr": ("train.mnist", "--out", run, "--resume", "--lr", 0.5),
+        "train_resume_missing_run": ("train.mnist", "--out", tmp_path / "nope", "--resume"),
+        "sample_unknown_scheduler": ("sample.mnist", "--run", run, "--out", tmp_path / "g.png", "--scheduler", "ddmi"),
+        "sample_missing_run": ("sample.mnist", "--run", tmp_path / "nope", "--out", tmp_path / "g.png"),
+        "sample_no_checkpoint": ("sample.mnist", "--run", tmp_path / "nockpt", "--out", tmp_path / "g.png"),
+        "sample_damaged_checkpoints": ("sample.mnist", "--run", None, "--out", tmp_path / "g.png"),
+    }[case]
+    expected = {
+        "train_empty_data_dir": "no MNIST IDX files", "train_missing_data_dir": "does not exist",
+        "train_unknown_scheduler": "unknown scheduler 'ddmi'", "train_wrong_image_size": "27x27",
+        "train_existing_run": "already holds a run", "train_resume_other_lr": "--lr 0.5 differs",
+        "train_resume_missing_run": "does not exist", "sample_unknown_scheduler": "unknown scheduler 'ddmi'",
+        "sample_missing_run": "does not exist", "sample_no_checkpoint": "no checkpoints",
+        "sample_damaged_checkpoints": "no usable checkpoint",
+    }[case]
+    if case == "train_wrong_image_size":
+        from jaxdiff.data import write_idx
+
+        write_idx(data / "t10k-images-idx3-ubyte", np.zeros((20, 27, 27), np.uint8))
+        write_idx(data / "t10k-labels-idx1-ubyte", np.zeros((20,), np.uint8))
+    if case == "sample_no_checkpoint":
+        (tmp_path / "nockpt").mkdir()
+        shutil.copy(run / "config.json", tmp_path / "nockpt" / "config.json")
+    if case == "sample_damaged_checkpoints":
+        args = tuple(_damaged_copy(run, tmp_path) if a is None else a for a in args)
+    proc = run_cli(args[0], *args[1:], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Quality (slow): the digits asked for, judged by the classifier
+# ------------------------------------------------------------------------------------------------
+
+def test_digit_classifier_reads_digits_after_a_short_training(mnist_dir):
+    from jaxdiff.data import load_idx_folder
+    from jaxdiff.eval.digit_classifier import train_classifier
+
+    _, holdout_accuracy = train_classifier(load_idx_folder(mnist_dir), steps=120)
+    assert holdout_accuracy > 0.85  # ~0.9 after 120 steps; the full 1000 steps reach ~0.99
+
+
+@pytest.mark.slow
+def test_cpu_training_reaches_90_percent_class_accuracy(tmp_path, mnist_dir):
+    """The issue's bar: >= 90% of 100 class-conditional samples classified as the requested digit,
+    after at most ~20 minutes of training on a 2-core CPU. Run: pytest -m slow -k reaches_90."""
+    from jaxdiff.data import load_idx_folder
+    from jaxdiff.eval.digit_classifier import accuracy, load_or_train
+
+    out = tmp_path / "run"
+    steps = int(os.environ.get("JAXDIFF_QUALITY_STEPS", "3000"))
+    run_cli("train.mnist", "--data-dir", mnist_dir, "--out", out, "--steps", steps, "--no-samples",
+            timeout=3600)
+    proc = run_cli("sample.mnist", "--run", out, "--out", tmp_path / "grid.png", "--per-class", 10,
+                   "--save-array", tmp_path / "samples.npz")
+    with np.load(tmp_path / "samples.npz") as f:
+        images, labels = f["images"], f["labels"]
+    classifier, holdout = load_or_train(load_idx_folder(mnist_dir))
+    assert holdout > 0.98
+    acc = accuracy(classifier, images, labels)
+    print(json.dumps({"class_accuracy": acc, "steps": steps, "sample": json.loads(proc.stdout)}))
+    assert acc >= 0.9
