@@ -7,6 +7,7 @@ NHWC throughout. Each block is the Flax twin of the diffusers class of the same 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -137,7 +138,63 @@ def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | Sequenc
     """A torch-style Conv2d: symmetric integer padding, NHWC."""
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
-                   use_bias=use_bias, dtype=dtype, name=name)
+                   use_bias=use_bias, dtype=dtype, name=name,
+                   conv_general_dilated=conv_general_dilated)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` (same values, same gradients) whose input gradient convolves
+    with an explicitly transposed kernel.
+
+    Autodiff's input gradient convolves with the kernel's in/out dimensions swapped in the
+    dimension numbers; inside a `lax.scan`/`while` body (a sampling loop that differentiates
+    through the UNet, e.g. guidance) XLA:CPU keeps that `01oi` kernel layout and falls back to a
+    naive loop emitter, ~7x slower than its Eigen convolution. Materialising the transposed
+    kernel (tiny next to the activations) keeps every convolution on the fast path."""
+    if feature_group_count != 1 or batch_group_count != 1:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    pad = padding if isinstance(padding, str) else tuple(tuple(int(v) for v in p) for p in padding)
+    static = (tuple(window_strides), pad, None if lhs_dilation is None else tuple(lhs_dilation),
+              None if rhs_dilation is None else tuple(rhs_dilation), dn, precision, preferred_element_type)
+    return _conv(static, lhs, rhs)
+
+
+def _plain_conv(static, lhs, rhs, dn=None):
+    strides, pad, lhs_dilation, rhs_dilation, dn0, precision, preferred = static
+    return jax.lax.conv_general_dilated(lhs, rhs, strides, pad, lhs_dilation, rhs_dilation, dn or dn0,
+                                        precision=precision, preferred_element_type=preferred)
+
+
+def _conv(static, lhs, rhs):
+    return _conv_nondiff(lhs, rhs, static)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_nondiff(lhs, rhs, static):
+    return _plain_conv(static, lhs, rhs)
+
+
+def _conv_fwd(lhs, rhs, static):
+    return _plain_conv(static, lhs, rhs), (lhs, rhs)
+
+
+def _conv_bwd(static, residuals, g):
+    lhs, rhs = residuals
+    dn = static[4]
+    o, i = dn.rhs_spec[0], dn.rhs_spec[1]
+    rhs_t = jnp.swapaxes(rhs, o, i)  # the same kernel with out/in features swapped in memory
+    dn_t = jax.lax.ConvDimensionNumbers(dn.lhs_spec, (i, o) + tuple(dn.rhs_spec[2:]), dn.out_spec)
+    _, vjp_lhs = jax.vjp(lambda x: _plain_conv(static, x, rhs_t, dn_t), lhs)
+    _, vjp_rhs = jax.vjp(lambda w: _plain_conv(static, lhs, w), rhs)
+    return vjp_lhs(g)[0], vjp_rhs(g)[0]
+
+
+_conv_nondiff.defvjp(_conv_fwd, _conv_bwd)
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
