@@ -197,21 +197,50 @@ def _warn(message: str) -> None:
 class Checkpointer:
     """Orbax checkpoints of a whole `TrainState` plus JSON metadata (data position, config)
     in `directory/<step>/`. Each save is written to a temporary folder and renamed when complete
-    (orbax's atomic commit); the last `max_to_keep` are kept. `restore_latest` walks back from the
+    (orbax's atomic commit); the last `max_to_keep` are kept, and with `best_metric` also the
+    best by that metric of the `metrics` given to `save`. `restore_latest` walks back from the
     newest step and skips (with a warning) any checkpoint that fails to read or whose fingerprint
     does not match, moving it aside as `<step>.corrupt`."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, save_async: bool = True,
-                 create: bool = True):
+                 create: bool = True, best_metric: str | None = None, best_mode: str = "min",
+                 keep_best: int = 1, primary_only: bool = False):
+        """`best_metric`: also keep the `keep_best` checkpoints best by this entry of the
+        `metrics` given to `save` (lower is better with `best_mode` "min"). `primary_only`: in a
+        multi-process run only this process saves and restores (the caller sends the restored
+        state to the others); otherwise orbax expects every process to take part."""
         import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
 
         self._ocp = ocp
         self.directory = Path(directory).expanduser().absolute()
         if not create and not self.directory.is_dir():
             raise JaxdiffError(f"no checkpoints: {self.directory} does not exist")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode {best_mode!r}; choose one of: max, min")
+        keep = [policies.LatestN(n=max_to_keep)]
+        if best_metric is not None:
+            worst = float("inf") if best_mode == "min" else float("-inf")
+
+            def metric(m, name=best_metric, worst=worst):
+                value = (m or {}).get(name)
+                value = worst if value is None else float(value)
+                return value if np.isfinite(value) else worst
+
+            keep.append(policies.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
+                                       keep_checkpoints_without_metrics=False))
+        self.best_metric, self._best_mode = best_metric, best_mode
+        extra = {}
+        if primary_only and jax.process_count() > 1:
+            me = jax.process_index()
+            extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jaxdiff-{me}")
+            if create:  # orbax does not create the folder for a subset of processes
+                self.directory.mkdir(parents=True, exist_ok=True)
+                create = False
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=save_async,
-            cleanup_tmp_directories=True)
+            create=create, enable_async_checkpointing=save_async, cleanup_tmp_directories=True,
+            preservation_policy=policies.AnyPreservationPolicy(keep), **extra)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -220,18 +249,40 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, state: TrainState, metadata: Mapping | None = None, *, force: bool = True) -> int:
-        """Save `state` (unreplicated) at its own step; returns the step."""
+    def save(self, state: TrainState, metadata: Mapping | None = None, *, force: bool = True,
+             metrics: Mapping[str, float] | None = None) -> int:
+        """Save `state` (unreplicated) at its own step; returns the step. `metrics` (floats)
+        rank the checkpoint for `best_metric`."""
         ocp = self._ocp
         host_state = jax.device_get(state)
         step = int(host_state.step)
         meta = {**dict(metadata or {}), "step": step, "fingerprints": state_fingerprints(host_state)}
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            meta["metrics"] = {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}
         if step in self.manager.all_steps():
             self.manager.delete(step)  # a re-run over the same step replaces it
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                         meta=ocp.args.JsonSave(meta)),
-                          force=force)
+                          force=force, metrics=metrics)
         return step
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint by `best_metric` (None without one)."""
+        if self.best_metric is None:
+            return None
+        self.wait()
+        best, best_value = None, None
+        for step in self.steps:
+            try:
+                value = read_checkpoint_meta(self.directory, step).get("metrics", {}).get(self.best_metric)
+            except JaxdiffError:
+                continue
+            if value is None or not np.isfinite(value):
+                continue
+            if best_value is None or (value < best_value if self._best_mode == "min" else value > best_value):
+                best, best_value = step, value
+        return best
 
     def _read(self, step: int, state_args) -> tuple[Any, dict]:
         ocp = self._ocp
