@@ -48,7 +48,11 @@ GUIDANCE_SCHEDULES = ("constant", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus
 def guidance_schedule(name: str, alphas_cumprod) -> jax.Array:
     """Per-training-timestep weights `w(t)`, shape (num_train_timesteps,) float32: "constant"
     (1), "alpha_bar" (ᾱ_t), "sqrt_alpha_bar" (√ᾱ_t, what the course's CLIP guidance uses) or
-    "sqrt_one_minus_alpha_bar" (√(1−ᾱ_t)). Any (T,) array of your own works the same way."""
+    "sqrt_one_minus_alpha_bar" (√(1−ᾱ_t)). Any (T,) array of your own works the same way.
+
+    The weight is looked up at the step's timestep t. (The course's CLIP loop multiplies by
+    `scheduler.alphas_cumprod[i]` with i the *step index*, i.e. ᾱ of the first few training
+    timesteps, ≈ 1: a constant weight in effect.)"""
     ac = jnp.asarray(alphas_cumprod)
     ac = ac.astype(jnp.promote_types(ac.dtype, jnp.float32))
     table = {
@@ -299,7 +303,11 @@ def make_clip_loss(image_features: Callable[[jax.Array], jax.Array], text_embeds
 
     image_features: CLIP-normalised (N, size, size, 3) → (N, D), e.g.
         `lambda x: clip.apply({"params": p}, x, method=clip.get_image_features)`.
-    text_embeds: (P, D) from `encode_prompts`; prompt_weights: (P,), default 1/P each."""
+    text_embeds: (P, D) from `encode_prompts`; prompt_weights: (P,), default 1/P each.
+
+    x0 is mapped from [-1, 1] to [0, 1] before CLIP's normalisation (the course passes the
+    [-1, 1] x0 straight to transforms that expect [0, 1]). Each cutout of each image gets its
+    own random crop, rotation and flip (torchvision draws one set per batch)."""
     text_embeds = jnp.asarray(text_embeds)
     if prompt_weights is None:
         prompt_weights = jnp.full((text_embeds.shape[0],), 1.0 / text_embeds.shape[0], jnp.float32)

@@ -436,7 +436,7 @@ def test_layers_conv_has_lax_values_and_gradients(stride, padding):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_through_model_loop_uses_only_canonical_convolutions(pipe, x_T):
+def test_through_model_loop_uses_only_canonical_convolutions(pipe, x_T, run_guided):
     """XLA:CPU runs convolutions whose kernel is laid out in/out-swapped (`01oi`) with a naive
     emitter, ~7x slower; `layers.conv_general_dilated` keeps autodiff's input-gradient
     convolutions inside the sampling scan in the canonical `01io` layout."""
@@ -444,13 +444,8 @@ def test_through_model_loop_uses_only_canonical_convolutions(pipe, x_T):
 
     if jax.default_backend() != "cpu":
         pytest.skip("a property of XLA:CPU's convolution emitter")
-    module, params, sched, state = pipe["module"], pipe["params"], pipe["sched"], pipe["state"]
-    denoise = lambda x_, t, c: module.apply({"params": params}, x_, t)  # noqa: E731
-
-    def run(x):
-        return G.guided_sample(denoise, sched, state, x, jax.random.key(0), loss=G.make_color_loss(TARGET),
-                               guidance_scale=1.0, variant="through_model")
-
-    hlo = jax.jit(run).lower(jnp.asarray(x_T)).compile().as_text()
+    schedule = G.guidance_schedule("constant", pipe["state"].alphas_cumprod)
+    hlo = run_guided.lower(pipe["params"], x_T, jax.random.key(0), jnp.asarray(TARGET), 1.0, schedule,
+                           "through_model").compile().as_text()
     labels = re.findall(r"dim_labels=(\w+_\w+->\w+)", hlo)
     assert labels and set(labels) == {"b01f_01io->b01f"}
