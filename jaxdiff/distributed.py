@@ -133,6 +133,13 @@ def initialize(config: DistributedConfig | None = None) -> bool:
         return True
     # CPU collectives across processes (the default in recent jax; explicit so it cannot regress).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not config.auto:
+        # JAX aborts the whole process (no Python exception) when the coordinator cannot be
+        # reached or bound: check first, so the user gets one clear line instead.
+        if config.process_id == 0:
+            _check_port_free(config.coordinator_address)
+        else:
+            _wait_for_coordinator(config.coordinator_address, config.timeout_s)
     try:
         if config.auto:
             jax.distributed.initialize(config.coordinator_address, config.num_processes,
@@ -148,6 +155,42 @@ def initialize(config: DistributedConfig | None = None) -> bool:
                            "process with the same --coordinator-address and --num-processes, "
                            "process 0 first, within --distributed-timeout seconds") from None
     return True
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _check_port_free(address: str) -> None:
+    import socket
+
+    _, port = _split_address(address)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise JaxdiffError(f"process 0 cannot listen on port {port} of --coordinator-address "
+                               f"{address} ({e.strerror or e}); choose a free port") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    import socket
+    import time
+
+    host, port = _split_address(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise JaxdiffError(f"cannot reach the coordinator at {address} within {timeout_s} s "
+                                   f"({e.strerror or e}); start process 0 first, with the same "
+                                   "--coordinator-address, or raise --distributed-timeout") from None
+            time.sleep(0.25)
 
 
 def shutdown() -> None:

@@ -1,0 +1,143 @@
+"""Multi-host start-up (jaxdiff.distributed) and the multi-host training run: two processes on
+localhost (one CPU device each, gloo collectives) train exactly as one process with two devices
+on the same global batches; process 0 alone writes the run folder."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff import distributed
+from jaxdiff.distributed import DistributedConfig
+from jaxdiff.errors import JaxdiffError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("config, message", [
+    (DistributedConfig("127.0.0.1:1234", 2, None), "--process-id"),
+    (DistributedConfig("localhost", 2, 0), "must be HOST:PORT"),
+    (DistributedConfig("10.0.0.1:99", 2, 2), r"must be in \[0, 2\)"),
+    (DistributedConfig(None, None, 1), "needs --coordinator-address"),
+])
+def test_incomplete_or_wrong_settings_are_one_clear_error(config, message):
+    with pytest.raises(JaxdiffError, match=message):
+        config.validate()
+
+
+def test_flags_win_over_the_environment(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv(distributed.ENV_ADDRESS, "10.0.0.1:1000")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "4")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "3")
+    parser = argparse.ArgumentParser()
+    distributed.add_arguments(parser)
+    config = distributed.config_from_args(parser.parse_args(["--process-id", "1"]))
+    assert config == DistributedConfig("10.0.0.1:1000", 4, 1)
+    assert config.multi_process
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "four")
+    with pytest.raises(JaxdiffError, match="not an integer"):
+        distributed.config_from_args(None)
+
+
+def test_a_single_process_run_needs_no_setup():
+    assert distributed.initialize(DistributedConfig()) is False
+    assert distributed.process_count() == 1 and distributed.is_main_process()
+    assert distributed.host_slice(8) == slice(0, 8)
+    assert distributed.check_batch_size(16) == 2  # 8 devices
+    with pytest.raises(JaxdiffError, match="multiple of the 8 devices"):
+        distributed.check_batch_size(12)
+    tree = {"a": np.arange(3)}
+    assert distributed.broadcast_from_main(tree) is tree
+    distributed.sync("nothing to wait for")
+    distributed.all_equal("x", "anything")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_with(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAXDIFF_CACHE_DIR"] = str(ROOT / ".jax_cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def test_an_unreachable_coordinator_is_one_clear_error():
+    cmd = [sys.executable, "-c", "from jaxdiff import distributed; from jaxdiff.errors import cli_main; "
+           "cli_main(lambda: distributed.initialize(distributed.DistributedConfig("
+           f"'127.0.0.1:{free_port()}', 2, 1, timeout_s=2)))()"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with(1), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
+
+
+def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_dir, tmp_path):
+    from test_text_to_image import make_caption_folder, run_args
+
+    from jaxdiff.training import Checkpointer
+
+    data = make_caption_folder(tmp_path / "data")
+    model = fixtures_dir / "tiny-sd-pt-v1"
+    # Same flags as the SIGTERM test in test_text_to_image, so the one-process run reuses its
+    # compiled step from the persistent cache.
+    common = ["--steps", "12", "--checkpoint-every", "6", "--lr", "1e-3", "--ema-decay", "0.9",
+              "--cache-latents", "--cache-dtype", "float32", "--no-samples", "--best-metric", "none",
+              "--keep-checkpoints", "5"]
+    cmd = [sys.executable, "-m", "train.text_to_image"]
+    single = tmp_path / "single"
+    one = subprocess.run(cmd + run_args(model, data, single, *common), cwd=ROOT, env=env_with(2),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+
+    multi = tmp_path / "multi"
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(cmd + run_args(model, data, multi, *common) + [
+        "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
+        "--distributed-timeout", "60"], cwd=ROOT, env=env_with(1), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reports = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
+    assert len(reports[0]) == 1 and reports[1] == []  # only process 0 reports (gloo prints too)
+    summary = json.loads(reports[0][0])
+    assert summary["processes"] == 2 and summary["devices"] == 2
+    assert len(list((multi / "cache").glob("moments-*.npy"))) == 2  # each process encoded half
+
+    def final(run, part):
+        ckpt = Checkpointer(run / "checkpoints", create=False)
+        tree, meta = ckpt.restore_part(12, part)
+        ckpt.close()
+        return tree, meta
+
+    for part in ("params", "ema_params", "opt_state"):
+        (a, meta_multi), (b, meta_single) = final(multi, part), final(single, part)
+        # A pmean over two values is a + b either way: the runs agree bit for bit.
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert meta_multi["data"] == meta_single["data"]
+    from jaxdiff.models.unet_2d_condition import load_unet
+
+    _, exported = load_unet(multi / "unet")
+    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(final(single, "ema_params")[0])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
