@@ -44,16 +44,20 @@ class CaptionDataset:
     """`len(data)` examples; `data.image(i)` → a PIL image; `data.captions[i]` → a tuple of
     one or more caption strings. `caption_strings` lists every distinct caption once and
     `caption_ids[i]` indexes it (what a cache of text embeddings stores). `fingerprint` changes
-    when any file, caption or order changes."""
+    when a file name, file size, caption or the order changes (not with file times, so copies of
+    the same data on several hosts agree); `local_fingerprint` also changes when a file is
+    rewritten (file times: what a cache on this machine checks)."""
 
     def __init__(self, captions: Sequence[Sequence[str]], load_image: Callable[[int], Any],
-                 source: str, fingerprint: str, names: Optional[Sequence[str]] = None):
+                 source: str, fingerprint: str, names: Optional[Sequence[str]] = None,
+                 local_fingerprint: Optional[str] = None):
         if not captions:
             raise JaxdiffError(f"{source} holds no examples")
         self.captions = tuple(tuple(c) for c in captions)
         self._load = load_image
         self.source = source
         self.fingerprint = fingerprint
+        self.local_fingerprint = local_fingerprint or fingerprint
         self.names = list(names) if names is not None else [str(i) for i in range(len(self.captions))]
         table: dict[str, int] = {}
         ids = []
@@ -147,7 +151,7 @@ def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str]
     for d, n in by_dir.items():
         if n > 1:
             raise JaxdiffError(f"{d} has both metadata.jsonl and metadata.csv; keep one")
-    paths, captions, crc = [], [], 0
+    paths, captions, crc, crc_times = [], [], 0, 0
     for meta in metas:
         columns, rows = _read_metadata(meta)
         if not rows:
@@ -169,11 +173,13 @@ def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str]
             paths.append(path)
             captions.append(caps)
             rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-            crc = zlib.crc32(json.dumps([rel, stat.st_size, stat.st_mtime_ns, caps]).encode(), crc)
+            crc = zlib.crc32(json.dumps([rel, stat.st_size, caps]).encode(), crc)
+            crc_times = zlib.crc32(str(stat.st_mtime_ns).encode(), crc_times)
     if not paths:
         raise JaxdiffError(f"the metadata files in {root} list no images")
     return CaptionDataset(captions, lambda i: _open_image(paths[i]), f"image folder {root}",
-                          f"{len(paths)}-{crc:08x}", names=[str(p) for p in paths])
+                          f"{len(paths)}-{crc:08x}", names=[str(p) for p in paths],
+                          local_fingerprint=f"{len(paths)}-{crc:08x}-{crc_times:08x}")
 
 
 def _hf_offline() -> bool:

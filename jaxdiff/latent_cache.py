@@ -48,7 +48,7 @@ def cache_key(data, pipe, resolution: int, dtype: str) -> dict:
     model = pipe.folder
     return {
         "format": FORMAT,
-        "data": data.fingerprint,
+        "data": data.local_fingerprint,
         "num_examples": len(data),
         "num_captions": len(data.caption_strings),
         "resolution": int(resolution),

@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from test_text_to_image import (REFERENCE_FLAGS, TRAIN, assert_trees_equal, checkpoint_part,  # noqa: F401
+                                reference_run, run_args)
 
 from jaxdiff import distributed
 from jaxdiff.distributed import DistributedConfig
@@ -84,27 +85,17 @@ def test_an_unreachable_coordinator_is_one_clear_error():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
 
 
-def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_dir, tmp_path):
-    from test_text_to_image import make_caption_folder, run_args
+def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_dir, reference_run, tmp_path):
+    """Two processes with one device each, 12 steps, against the one-process two-device
+    reference run at its step-12 checkpoint (the same flags; a constant learning rate, so the
+    run's length does not change its first 12 steps)."""
+    from jaxdiff.models.unet_2d_condition import load_unet
 
-    from jaxdiff.training import Checkpointer
-
-    data = make_caption_folder(tmp_path / "data")
-    model = fixtures_dir / "tiny-sd-pt-v1"
-    # Same flags as the SIGTERM test in test_text_to_image, so the one-process run reuses its
-    # compiled step from the persistent cache.
-    common = ["--steps", "12", "--checkpoint-every", "6", "--lr", "1e-3", "--ema-decay", "0.9",
-              "--cache-latents", "--cache-dtype", "float32", "--no-samples", "--best-metric", "none",
-              "--keep-checkpoints", "5"]
-    cmd = [sys.executable, "-m", "train.text_to_image"]
-    single = tmp_path / "single"
-    one = subprocess.run(cmd + run_args(model, data, single, *common), cwd=ROOT, env=env_with(2),
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-
+    data, reference = reference_run
     multi = tmp_path / "multi"
     address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(cmd + run_args(model, data, multi, *common) + [
+    args = run_args(fixtures_dir / "tiny-sd-pt-v1", data, multi, "--steps", "12", *REFERENCE_FLAGS)
+    procs = [subprocess.Popen(TRAIN + args + [
         "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
         "--distributed-timeout", "60"], cwd=ROOT, env=env_with(1), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -124,20 +115,10 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
     assert summary["processes"] == 2 and summary["devices"] == 2
     assert len(list((multi / "cache").glob("moments-*.npy"))) == 2  # each process encoded half
 
-    def final(run, part):
-        ckpt = Checkpointer(run / "checkpoints", create=False)
-        tree, meta = ckpt.restore_part(12, part)
-        ckpt.close()
-        return tree, meta
-
+    # A pmean over two values is a + b either way: the runs agree bit for bit.
     for part in ("params", "ema_params", "opt_state"):
-        (a, meta_multi), (b, meta_single) = final(multi, part), final(single, part)
-        # A pmean over two values is a + b either way: the runs agree bit for bit.
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        (a, meta_multi), (b, meta_single) = checkpoint_part(multi, 12, part), checkpoint_part(reference, 12, part)
+        assert_trees_equal(a, b)
     assert meta_multi["data"] == meta_single["data"]
-    from jaxdiff.models.unet_2d_condition import load_unet
-
-    _, exported = load_unet(multi / "unet")
-    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(final(single, "ema_params")[0])):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _, exported = load_unet(multi / "unet")  # the EMA weights, written by process 0
+    assert_trees_equal(exported, checkpoint_part(reference, 12, "ema_params")[0])

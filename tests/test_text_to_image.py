@@ -499,12 +499,32 @@ def test_bad_input_is_one_error_line(model_dir, caption_folder, tmp_path, change
     assert "Traceback" not in proc.stderr
 
 
-def test_resume_with_a_different_setting_is_refused(trained, model_dir, caption_folder):
+def test_resume_with_a_different_setting_or_changed_data_is_refused(trained, caption_folder, capsys, tmp_path):
+    import shutil
+
     from train.text_to_image import main
 
     with pytest.raises(SystemExit) as e:
         main(["--out", str(trained), "--resume", "--lr", "1.0", "--no-compile-cache"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "--lr 1.0 differs from the run's" in capsys.readouterr().err
+    run = tmp_path / "run"  # the same run, but one caption of its data edited since
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints", "cache", "unet", "vae", "text_encoder"))
+    data = tmp_path / "data"
+    shutil.copytree(caption_folder, data)
+    meta = data / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace("a red square", "a crimson square", 1))
+    config = json.loads((run / "train_config.json").read_text())
+    config["train"]["train_data"] = str(data)
+    (run / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        main(["--out", str(run), "--resume", "--no-compile-cache"])
+    assert "the training data changed since this run started" in capsys.readouterr().err
+
+
+def test_a_hub_dataset_name_without_the_datasets_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(JaxdiffError, match="needs the datasets package"):
+        load_captions("lambdalabs/naruto-blip-captions", verbose=False)
 
 
 def subprocess_env(devices: int) -> dict:
@@ -515,36 +535,56 @@ def subprocess_env(devices: int) -> dict:
     return env
 
 
-def final_params(out):
+TRAIN = [sys.executable, "-m", "train.text_to_image"]
+# The runs compared bit for bit: cached float32 latents, EMA, a checkpoint every 6 steps, kept.
+REFERENCE_FLAGS = ["--checkpoint-every", "6", "--lr", "1e-3", "--ema-decay", "0.9", "--cache-latents",
+                   "--cache-dtype", "float32", "--no-samples", "--best-metric", "none", "--keep-checkpoints", "5"]
+_REFERENCE: dict = {}  # one reference run per session, shared with test_distributed.py
+
+
+@pytest.fixture
+def reference_run(fixtures_dir, tmp_path_factory):
+    """(data folder, run folder) of 24 uninterrupted steps on one process with 2 devices, in a
+    subprocess: the baseline of the SIGTERM test here and of the multi-host test."""
+    if "run" not in _REFERENCE:
+        data = make_caption_folder(tmp_path_factory.mktemp("reference_data"))
+        out = tmp_path_factory.mktemp("reference") / "run"
+        proc = subprocess.run(TRAIN + run_args(fixtures_dir / "tiny-sd-pt-v1", data, out, "--steps", "24",
+                                               *REFERENCE_FLAGS),
+                              cwd=ROOT, env=subprocess_env(2), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _REFERENCE["run"] = (data, out)
+    return _REFERENCE["run"]
+
+
+def checkpoint_part(out, step, part="params"):
     from jaxdiff.training import Checkpointer
 
     ckpt = Checkpointer(out / "checkpoints", create=False)
-    params, _ = ckpt.restore_part(max(ckpt.steps), "params")
+    tree, meta = ckpt.restore_part(step, part)
     ckpt.close()
-    return params
+    return tree, meta
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sigterm_mid_run_then_a_damaged_checkpoint_then_resume_equals_an_uninterrupted_run(
-        model_dir, caption_folder, tmp_path):
+        model_dir, reference_run, tmp_path):
     """Killed with SIGTERM after step 6: it saves a checkpoint at the step it stopped and exits
     143. The newest checkpoint is then damaged: --resume warns, goes back to the previous good
     one, and the finished run is bit for bit the run that was never stopped."""
-    common = ["--steps", "24", "--checkpoint-every", "6", "--lr", "1e-3", "--ema-decay", "0.9",
-              "--cache-latents", "--cache-dtype", "float32", "--no-samples", "--best-metric", "none",
-              "--keep-checkpoints", "5"]
+    data, reference = reference_run
     env = subprocess_env(2)
-    cmd = [sys.executable, "-m", "train.text_to_image"]
-
-    reference = tmp_path / "reference"
-    subprocess.run(cmd + run_args(model_dir, caption_folder, reference, *common), cwd=ROOT, env=env,
-                   check=True, capture_output=True, timeout=300)
-
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(cmd + run_args(model_dir, caption_folder, out, *common), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(TRAIN + run_args(model_dir, data, out, "--steps", "24", *REFERENCE_FLAGS), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "6").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -557,9 +597,9 @@ def test_sigterm_mid_run_then_a_damaged_checkpoint_then_resume_equals_an_uninter
     for f in newest.rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
-    resumed = subprocess.run(cmd + ["--out", str(out), "--resume", "--no-progress"],
+    resumed = subprocess.run(TRAIN + ["--out", str(out), "--resume", "--no-progress"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "warning:" in resumed.stderr and f"resumed from step {steps[-2]}" in resumed.stderr
-    for a, b in zip(jax.tree.leaves(final_params(out)), jax.tree.leaves(final_params(reference))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for part in ("params", "ema_params", "opt_state"):
+        assert_trees_equal(checkpoint_part(out, 24, part)[0], checkpoint_part(reference, 24, part)[0])

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -201,10 +200,21 @@ def _run_options(args, out: Path) -> dict:
     return opts
 
 
-def _write_config(out: Path, opts: dict, total_steps: int) -> None:
+def _write_config(out: Path, opts: dict, total_steps: int, data) -> None:
     from jaxdiff.weights import save_json
 
-    save_json({"train": opts, "total_steps": total_steps}, out / RUN_CONFIG)
+    save_json({"train": opts, "total_steps": total_steps,
+               "data": {"fingerprint": data.fingerprint, "images": len(data), "source": data.source}},
+              out / RUN_CONFIG)
+
+
+def _check_same_data(out: Path, data) -> None:
+    """--resume continues exactly only on the data the run started with."""
+    saved = json.loads((out / RUN_CONFIG).read_text()).get("data") or {}
+    if saved.get("fingerprint") not in (None, data.fingerprint):
+        raise JaxdiffError(f"the training data changed since this run started ({saved.get('images')} images "
+                           f"then, {len(data)} now, or files/captions edited); --resume needs the same "
+                           "data, or start a new --out")
 
 
 def _sizes(opts: dict, pipe) -> int:
@@ -288,6 +298,8 @@ def train(args) -> dict:
     data = load_captions(opts["train_data"], split=opts["split"], caption_column=opts["caption_column"],
                          image_column=opts["image_column"], verbose=main_process)
     distributed.all_equal(data.fingerprint, "the training data")
+    if args.resume:
+        _check_same_data(out, data)
     dtype = jnp.bfloat16 if opts["mixed_precision"] == "bf16" else jnp.float32
     pipe, params = load_pipeline(opts["model_dir"], dtype=dtype, param_dtype=jnp.float32,
                                  scheduler=args.sample_scheduler)
@@ -304,8 +316,14 @@ def train(args) -> dict:
         total_steps = args.steps or (json.loads((out / RUN_CONFIG).read_text()).get("total_steps")
                                      if args.resume else None) or DEFAULT_STEPS
     schedule_steps = total_steps
-    if args.resume and opts["lr_schedule"] != "constant":
-        schedule_steps = json.loads((out / RUN_CONFIG).read_text()).get("total_steps", total_steps)
+    if args.resume:
+        planned = json.loads((out / RUN_CONFIG).read_text()).get("total_steps", total_steps)
+        if opts["lr_schedule"] != "constant" and total_steps != planned:
+            raise JaxdiffError(f"this run's {opts['lr_schedule']} learning-rate schedule ends at step "
+                               f"{planned}; --resume cannot change its length (drop --steps/--epochs, "
+                               "or start a new --out)")
+        if total_steps != planned and main_process:
+            _write_config(out, opts, total_steps, data)  # a constant-rate run extended or shortened
 
     def tok(strings):
         return tokenize(pipe.tokenizer, list(strings), pipe.max_length)
@@ -339,7 +357,7 @@ def train(args) -> dict:
     train_step = make_train_step(loss_fn, tx, ema=ema)
 
     key = jax.random.PRNGKey(int(opts["seed"]))
-    state = create_train_state(params["unet"], tx, jax.random.fold_in(key, 1), ema=ema_on)
+    state = create_train_state(params.pop("unet"), tx, jax.random.fold_in(key, 1), ema=ema_on)
     checkpointer = Checkpointer(out / CHECKPOINTS, max_to_keep=args.keep_checkpoints,
                                 best_metric=None if args.best_metric == "none" else args.best_metric,
                                 primary_only=True) if main_process else None
@@ -348,7 +366,7 @@ def train(args) -> dict:
         state, position = _restore(checkpointer, state, out)
     elif main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _write_config(out, opts, total_steps)
+        _write_config(out, opts, total_steps, data)
     distributed.sync("run-folder-ready")
     start_step = int(state.step)
 
@@ -384,7 +402,7 @@ def train(args) -> dict:
             metrics.update(evaluator.eval_loss(p_state))
             last_eval.update(metrics)
             if checkpointer is not None:
-                checkpointer.save(parallel.unreplicate(p_state), {"data": batches.position.to_dict()},
+                checkpointer.save(host_copy(p_state), {"data": batches.position.to_dict()},
                                   metrics=metrics)
 
         def flush(pending, window):
@@ -452,7 +470,7 @@ def train(args) -> dict:
                             "continue with --resume")
             raise SystemExit(128 + int(stopped_by))
 
-    final = parallel.unreplicate(p_state)
+    final = host_copy(p_state)
     unet_params = final.ema_params if final.ema_params is not None else final.params
     steps_run = step - start_step
     summary = {
@@ -478,6 +496,15 @@ def train(args) -> dict:
         checkpointer.close()
     distributed.sync("run-finished")
     return summary
+
+
+def host_copy(tree):
+    """Device 0's replica of a replicated (pmapped) tree, as host numpy arrays: read straight
+    from that device's buffers (indexing the replicated arrays would run a gather per leaf)."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
 
 
 def _restore(checkpointer, template, out: Path):
@@ -549,11 +576,10 @@ class _Evaluator:
             return None
         import jax
 
-        from jaxdiff import parallel
         from jaxdiff.images import make_grid, unit_to_uint8
         from jaxdiff.pipelines.stable_diffusion import GenerateConfig, generate, tokenize_prompts
 
-        state = parallel.unreplicate(p_state)
+        state = host_copy(p_state)
         unet = state.params if state.ema_params is None else state.ema_params
         ids, neg = tokenize_prompts(self.pipe, self.prompts)
         config = GenerateConfig(num_inference_steps=self.args.sample_steps, height=self.resolution,
