@@ -185,7 +185,8 @@ def main(argv=None) -> None:
     p.add_argument("--reduced", action="store_true", help="a small UNet (the default on --device cpu)")
     p.add_argument("--full", action="store_true", help="SD 1.5 shapes even on a CPU")
     p.add_argument("--resolution", type=int, default=None, help="image side (default 512; reduced: 128)")
-    p.add_argument("--batch-size", type=int, default=None, help="per device (default 8 on a GPU: SD1.5 at 512² without gradient checkpointing; 4 on a CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per device (default 8 on a GPU: SD1.5 at 512² without remat; 4 on a CPU)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="compute precision (default bf16 on a GPU, fp32 on a CPU); weights stay float32")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
