@@ -86,15 +86,15 @@ def test_an_unreachable_coordinator_is_one_clear_error():
 
 
 def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_dir, reference_run, tmp_path):
-    """Two processes with one device each, 12 steps, against the one-process two-device
-    reference run at its step-12 checkpoint (the same flags; a constant learning rate, so the
-    run's length does not change its first 12 steps)."""
+    """Two processes with one device each, 6 steps, against the one-process two-device
+    reference run at its step-6 checkpoint (the same flags; a constant learning rate, so the
+    run's length does not change its first steps)."""
     from jaxdiff.models.unet_2d_condition import load_unet
 
     data, reference = reference_run
     multi = tmp_path / "multi"
     address = f"127.0.0.1:{free_port()}"
-    args = run_args(fixtures_dir / "tiny-sd-pt-v1", data, multi, "--steps", "12", *REFERENCE_FLAGS)
+    args = run_args(fixtures_dir / "tiny-sd-pt-v1", data, multi, "--steps", "6", *REFERENCE_FLAGS)
     procs = [subprocess.Popen(TRAIN + args + [
         "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
         "--distributed-timeout", "60"], cwd=ROOT, env=env_with(1), stdout=subprocess.PIPE,
@@ -117,8 +117,8 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
 
     # A pmean over two values is a + b either way: the runs agree bit for bit.
     for part in ("params", "ema_params", "opt_state"):
-        (a, meta_multi), (b, meta_single) = checkpoint_part(multi, 12, part), checkpoint_part(reference, 12, part)
+        (a, meta_multi), (b, meta_single) = checkpoint_part(multi, 6, part), checkpoint_part(reference, 6, part)
         assert_trees_equal(a, b)
     assert meta_multi["data"] == meta_single["data"]
     _, exported = load_unet(multi / "unet")  # the EMA weights, written by process 0
-    assert_trees_equal(exported, checkpoint_part(reference, 12, "ema_params")[0])
+    assert_trees_equal(exported, checkpoint_part(reference, 6, "ema_params")[0])

@@ -399,7 +399,8 @@ def train(args) -> dict:
 
         def save(p_state, step, window):
             metrics = {"train_loss": float(np.mean(window)) if window else float("nan")}
-            metrics.update(evaluator.eval_loss(p_state))
+            if args.best_metric == "eval_loss" or args.eval_every:
+                metrics.update(evaluator.eval_loss(p_state))
             last_eval.update(metrics)
             if checkpointer is not None:
                 checkpointer.save(host_copy(p_state), {"data": batches.position.to_dict()},
