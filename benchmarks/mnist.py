@@ -147,7 +147,6 @@ def jax_course(preset: str, batch: int):
 def jax_sampler(model, scheduler_name: str, steps: int, scheduler_config: dict | None = None):
     """A compiled 80-digit sampler; returns (fn() -> images, compile seconds)."""
     import jax
-    import jax.numpy as jnp
 
     from jaxdiff.pipelines.class_conditioned import class_labels, make_generator
     from jaxdiff.schedulers import create_scheduler
@@ -171,8 +170,6 @@ def main(argv=None):
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     if args.threads:
         import torch
@@ -267,12 +264,12 @@ def quality(run_dir: str, fast_steps: int) -> dict:
 
     from jaxdiff.data import load_mnist
     from jaxdiff.eval.digit_classifier import accuracy, load_or_train
-    from jaxdiff.pipelines.class_conditioned import class_labels, load_run, make_generator
+    from jaxdiff.pipelines.class_conditioned import class_labels, default_guidance, load_run, make_generator
 
     model, params, run = load_run(run_dir)
     classifier, _ = load_or_train(load_mnist(None, use_hf=False, verbose=False))
     labels = class_labels(model.num_classes, 10)
-    guidance = 2.0 if model.null_label is not None else 1.0
+    guidance = default_guidance(model)
     out = {}
     for name, steps in (("ddpm", 1000), ("ddim", fast_steps), ("dpm++", max(1, fast_steps // 2))):
         gen = make_generator(model, run.sampler(name), steps, use_cfg=guidance != 1.0)

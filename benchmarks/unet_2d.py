@@ -246,7 +246,7 @@ def layouts_benchmark(args) -> None:
 
 
 def sweep(args) -> None:
-    print(f"\n== XLA CPU flag sweep (each a fresh process; f32 forward vs torch in that process) ==")
+    print("\n== XLA CPU flag sweep (each a fresh process; f32 forward vs torch in that process) ==")
     for name, flags in FLAG_SETS.items():
         cmd = [sys.executable, os.path.abspath(__file__), "--json", "--batch", str(args.batch),
                "--rounds", str(args.rounds), f"--xla-flags={flags}"]
@@ -269,8 +269,6 @@ def sweep(args) -> None:
 
 def sampling_benchmark(args) -> None:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import torch
 
     from jaxdiff.sampling import make_sampler

@@ -2,12 +2,11 @@
 
 Data parallelism with `jax.pmap`: the state is replicated on every local device (a leading
 device axis), each global batch is split into one slice per device, and the pmapped function
-averages gradients with `lax.pmean` over `AXIS`. Multi-host start-up (`initialize`) is here too,
-so a program calls it once and nothing else changes.
+averages gradients with `lax.pmean` over `AXIS`. Joining a multi-host run, and which process
+writes, is `jaxdiff.distributed`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import jax
@@ -21,34 +20,9 @@ AXIS = "batch"  # the pmap axis name that train steps reduce over
 PyTree = Any
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """Join a multi-host run (`jax.distributed.initialize`) when one is configured by the
-    arguments or by JAX's usual environment (cluster auto-detection, ``JAX_COORDINATOR_ADDRESS``);
-    a single-process run does nothing."""
-    if coordinator_address is None and num_processes is None and \
-            not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-
-
 def device_count() -> int:
     """Local devices the pmapped functions run on."""
     return jax.local_device_count()
-
-
-def process_index() -> int:
-    return jax.process_index()
-
-
-def process_count() -> int:
-    return jax.process_count()
-
-
-def is_main_process() -> bool:
-    """The process that writes logs, checkpoints and images."""
-    return jax.process_index() == 0
 
 
 def replicate(tree: PyTree) -> PyTree:
@@ -65,6 +39,12 @@ def replicate(tree: PyTree) -> PyTree:
 def unreplicate(tree: PyTree) -> PyTree:
     """The first device's copy of a replicated tree."""
     return jax.tree.map(lambda x: x[0], tree)
+
+
+def host_copy(tree: PyTree) -> PyTree:
+    """Device 0's replica of a replicated (pmapped) tree, as host numpy arrays: read straight
+    from that device's buffers (indexing the replicated arrays would run a gather per leaf)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
 
 
 def shard(tree: PyTree, num_devices: int | None = None) -> PyTree:

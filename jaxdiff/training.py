@@ -114,18 +114,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 
 
 def diffusion_loss(apply_fn: Callable, scheduler, scheduler_state, *, cfg_dropout: float = 0.0,
-                   null_label: int | None = None, axis_name: str | None = AXIS) -> LossFn:
+                   null_label: int | None = None, snr_gamma: float | None = None,
+                   axis_name: str | None = AXIS) -> LossFn:
     """The denoising loss as `loss_fn(params, batch, key)`.
 
     `batch["images"]`: uint8 (B, H, W, C) 0..255 or floats in [-1, 1]; `batch["labels"]` int (B,)
     or absent. Each example gets its own timestep t ~ U{0..T-1} and Gaussian noise from a key
     made of its index in the global batch; with `cfg_dropout` p its label becomes `null_label`
     with probability p (classifier-free guidance training). The target (eps, v or x0) is the
-    scheduler's `training_target`; the loss is the mean squared error.
+    scheduler's `training_target`; the loss is the mean squared error, weighted per example by
+    min-SNR-γ (Hang et al. 2023) when `snr_gamma` is given.
     `apply_fn(params, x_t, t, labels)` → model output like `x_t`."""
     if cfg_dropout > 0 and null_label is None:
         raise ValueError("cfg_dropout needs a null_label for the dropped conditioning")
     num_train_timesteps = int(scheduler_state.alphas_cumprod.shape[0])
+    if snr_gamma is not None:
+        from jaxdiff.text_to_image import min_snr_weights, snr
 
     def draw(key, shape):
         k_noise, k_t, k_drop = jax.random.split(key, 3)
@@ -145,8 +149,12 @@ def diffusion_loss(apply_fn: Callable, scheduler, scheduler_state, *, cfg_dropou
         if labels is not None and cfg_dropout > 0:
             labels = jnp.where(drop, null_label, labels)
         pred = apply_fn(params, x_t, t, labels)
-        loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-        return loss, {}
+        per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+        if snr_gamma is None:
+            return jnp.mean(per_example), {}
+        weights = min_snr_weights(snr(scheduler_state.alphas_cumprod, t), snr_gamma,
+                                  scheduler.prediction_type)
+        return jnp.mean(per_example * weights), {"mse": jnp.mean(per_example)}
 
     return loss_fn
 
@@ -188,6 +196,25 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
 class CheckpointMismatch(JaxdiffError):
     """A readable checkpoint of a different model or optimizer: not skipped, since every older
     checkpoint of the same run would not fit either."""
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed orbax restore, tensorstore finishes the reads orbax abandoned and posts
+    them to the event loop orbax already closed: each post raises "Event loop is closed", which
+    Python would print as hundreds of tracebacks. Drop exactly those (once installed, for the
+    rest of the process); every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxdiff_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxdiff_quiet = True
+    sys.unraisablehook = hook
 
 
 def _warn(message: str) -> None:
@@ -291,6 +318,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
+            _quiet_abandoned_reads()
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise JaxdiffError(f"checkpoint {where} cannot be read ({msg})") from None
         return restored.state, dict(restored.meta or {})
@@ -377,6 +405,30 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def resume_everywhere(checkpointer: "Checkpointer | None", template: TrainState, directory: str | Path
+                      ) -> tuple[TrainState, Any]:
+    """(state, data position) to resume a run from: the newest good checkpoint (damaged ones
+    skipped with a warning) read by the process that holds `checkpointer` (process 0; the
+    others pass None) and sent to every process; `template` and a fresh position when there is
+    no checkpoint yet."""
+    from jaxdiff import distributed
+    from jaxdiff.data import DataPosition
+
+    found = checkpointer.restore_latest(template) if checkpointer is not None else None
+    header = np.zeros(3, np.int64)
+    if found is not None:
+        state, meta = found
+        pos = DataPosition.from_dict(meta["data"])
+        header[:] = (1, pos.epoch, pos.index)
+    header = distributed.broadcast_from_main(header)
+    if not header[0]:
+        distributed.log(f"--resume: no checkpoint in {directory} yet; starting the run from step 0")
+        return template, DataPosition()
+    state = distributed.broadcast_from_main(state if found is not None else template)
+    distributed.log(f"resumed from step {int(state.step)} ({directory})")
+    return state, DataPosition(int(header[1]), int(header[2]))
 
 
 def read_checkpoint_meta(directory: str | Path, step: int) -> dict:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from jaxdiff.errors import JaxdiffError, cli_main
+from jaxdiff.pipelines.class_conditioned import DEFAULT_GUIDANCE
 
-DEFAULT_STEPS = {"ddpm": 1000}  # every other sampler: DEFAULT_FAST_STEPS
+DEFAULT_STEPS = {"ddpm": 1000, "dpm++": 20}  # every other sampler: DEFAULT_FAST_STEPS
 DEFAULT_FAST_STEPS = 40
-DEFAULT_GUIDANCE = 2.0  # for runs trained with a null class; 1.0 otherwise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="PNG file for the grid")
     p.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, dpm++, pndm, euler, ...")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"sampler steps (default 1000 for ddpm, {DEFAULT_FAST_STEPS} otherwise)")
+                   help=f"sampler steps (default 1000 for ddpm, 20 for dpm++, {DEFAULT_FAST_STEPS} otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help=f"classifier-free guidance w (default {DEFAULT_GUIDANCE} when the run was trained "
                         "with --cfg-dropout, else 1 = plain conditional sampling)")
@@ -63,7 +62,8 @@ def run(args) -> dict:
 
     from jaxdiff.compile_cache import enable_compilation_cache
     from jaxdiff.images import save_grid
-    from jaxdiff.pipelines.class_conditioned import class_labels, load_run, make_generator
+    from jaxdiff.pipelines.class_conditioned import (class_labels, default_guidance, load_run,
+                                                     make_generator)
     from jaxdiff.schedulers import scheduler_class
 
     if not args.no_compile_cache:
@@ -72,9 +72,7 @@ def run(args) -> dict:
     model, params, run_cfg = load_run(args.run, ema=args.ema)
     scheduler = run_cfg.sampler(name)
     steps = args.steps or DEFAULT_STEPS.get(name, DEFAULT_FAST_STEPS)
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE if model.null_label is not None else 1.0
+    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance(model)
     use_cfg = guidance != 1.0
     generate = make_generator(model, scheduler, steps, use_cfg=use_cfg)
     labels = class_labels(model.num_classes, args.per_class)

@@ -11,7 +11,6 @@ import json
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

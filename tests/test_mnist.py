@@ -77,6 +77,20 @@ def test_matches_the_course_pytorch_model_with_the_same_weights(null_class):
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_unet_class_embedding_conditions_every_block_and_concat_is_optional():
+    tiny = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    model = ClassConditionedUnet.create(class_emb_size=0, null_class=True, unet_class_embedding=True, **tiny)
+    assert model.model.num_class_embeds == 11 and model.model.in_channels == 1
+    params = model.init_weights(jax.random.PRNGKey(0))
+    assert "class_emb" not in params and params["model"]["class_embedding"]["embedding"].shape == (11, 32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 1))
+    apply = jax.jit(model.apply)
+    a = apply({"params": params}, x, jnp.array([5, 5]), jnp.array([1, 10]))
+    b = apply({"params": params}, x, jnp.array([5, 5]), jnp.array([2, 10]))
+    assert not np.allclose(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # The programs
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +141,7 @@ def trained_run(tmp_path_factory, mnist_dir):
     """A tiny run of 3 steps with label dropout and EMA, through the command line."""
     out = tmp_path_factory.mktemp("run") / "run"
     proc = run_cli("train.mnist", "--data-dir", mnist_dir, "--out", out, "--steps", 3,
-                   "--checkpoint-every", 2, *TINY)
+                   "--checkpoint-every", 2, "--eval-every", 2, "--log-every", 1, "--log-backend", "jsonl", *TINY)
     return out, proc
 
 
@@ -145,6 +159,22 @@ def test_train_prints_one_json_summary_and_writes_checkpoints_and_samples(traine
 
     grid = Image.open(out / "samples.png")
     assert grid.size == (2 * (1 * 30 + 2), 2 * (10 * 30 + 2))  # 1 column, 10 rows, 2x enlarged
+
+
+def test_eval_every_logs_sample_grids_and_the_loss(trained_run):
+    from jaxdiff.run_log import read_jsonl
+
+    out, _ = trained_run
+    records = read_jsonl(out / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    # --eval-every 2 at step 2, and the final grid at step 3: the same grid as samples.png
+    assert [(r["step"], r["path"]) for r in records if "image" in r] == \
+        [(2, "samples-0000002.png"), (3, "samples-0000003.png")]
+    from PIL import Image
+
+    final = np.asarray(Image.open(out / "logs" / "samples-0000003.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "samples.png"))[::2, ::2], final)
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, mnist_dir):
@@ -221,6 +251,51 @@ def test_ctrl_c_mid_run_checkpoints_and_exits_130(tmp_path, mnist_dir):
     assert final_params(out)[2] >= 1
 
 
+def test_two_processes_train_exactly_as_one_process_with_two_devices(tmp_path, mnist_dir):
+    """Multi-host: two processes on localhost with one CPU device each (gloo collectives), against
+    one process with two devices, same flags: the same checkpoints bit for bit, written once."""
+    import socket
+
+    common = ["--data-dir", mnist_dir, "--steps", 4, "--checkpoint-every", 2, "--no-samples", "--no-progress",
+              "--log-backend", "jsonl", *TINY]
+
+    def env(devices):
+        e = _env()
+        e["XLA_FLAGS"] = (e["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}").strip()
+        return e
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, common), *extra]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    procs = [subprocess.Popen(command(tmp_path / "multi", "--coordinator-address", address, "--num-processes",
+                                      "2", "--process-id", str(i), "--distributed-timeout", "60"),
+                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    single = subprocess.run(command(tmp_path / "single"), cwd=ROOT, env=env(2), capture_output=True, text=True,
+                            timeout=300)
+    outs = []
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert single.returncode == 0, single.stderr[-3000:]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reports = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
+    assert len(reports[0]) == 1 and reports[1] == []  # process 0 reports, logs and writes
+    assert json.loads(reports[0][0])["devices"] == 2 == json.loads(single.stdout.strip().splitlines()[-1])["devices"]
+    for part in ("params", "ema_params"):
+        a, meta_a, step_a = final_params(tmp_path / "multi", part)
+        b, meta_b, step_b = final_params(tmp_path / "single", part)
+        assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
+        assert_same_tree(a, b)
+
+
 def test_sample_writes_a_grid_and_the_arrays(trained_run, tmp_path):
     run, _ = trained_run
     proc = run_cli("sample.mnist", "--run", run, "--out", tmp_path / "grid.png", "--steps", 3,
@@ -244,6 +319,16 @@ def test_sampling_is_deterministic_for_a_seed_and_ddpm_runs_too(trained_run, tmp
     c, _ = sample_grid(model, params, run.sampler("ddpm"), num_inference_steps=3, per_class=1, seed=2)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_ddim_from_a_clipping_config_pairs_the_clipped_x0_with_its_noise(trained_run):
+    from jaxdiff.pipelines.class_conditioned import RunConfig
+
+    run = RunConfig.read(trained_run[0])
+    assert run.scheduler["clip_sample"] is True  # the course's DDPM config
+    assert run.sampler("ddim").use_clipped_model_output is True
+    assert run.sampler("ddim", use_clipped_model_output=False).use_clipped_model_output is False
+    assert run.sampler("ddim", clip_sample=False).use_clipped_model_output is False
 
 
 def _damaged_copy(run: Path, tmp_path: Path) -> Path:
@@ -317,7 +402,11 @@ def test_digit_classifier_reads_digits_after_a_short_training(mnist_dir):
 @pytest.mark.slow
 def test_cpu_training_reaches_90_percent_class_accuracy(tmp_path, mnist_dir):
     """The issue's bar: >= 90% of 100 class-conditional samples classified as the requested digit,
-    after at most ~20 minutes of training on a 2-core CPU. Run: pytest -m slow -k reaches_90."""
+    after at most ~20 minutes of training on a 2-core CPU. Run: pytest -m slow -k reaches_90.
+
+    The defaults (small model, batch 64, min-SNR 5, EMA, label dropout 0.1) for 3000 steps
+    (~13 minutes on an idle 2-core CPU), sampled with the defaults (DDIM 40 steps, guidance 3):
+    99% measured; the 2000-step README run reads 82%, 1000 steps 43%."""
     from jaxdiff.data import load_idx_folder
     from jaxdiff.eval.digit_classifier import accuracy, load_or_train
 

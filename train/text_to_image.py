@@ -285,7 +285,7 @@ def train(args) -> dict:
     from jaxdiff.run_log import RunLog
     from jaxdiff.text_to_image import LossConfig, make_optimizer, text_to_image_loss
     from jaxdiff.tokenizer import tokenize
-    from jaxdiff.training import EMA, Checkpointer, create_train_state, make_train_step
+    from jaxdiff.training import EMA, Checkpointer, create_train_state, make_train_step, resume_everywhere
 
     if not args.no_compile_cache:
         enable_compilation_cache()
@@ -363,7 +363,7 @@ def train(args) -> dict:
                                 primary_only=True) if main_process else None
     position = DataPosition()
     if args.resume:
-        state, position = _restore(checkpointer, state, out)
+        state, position = resume_everywhere(checkpointer, state, out / CHECKPOINTS)
     elif main_process:
         out.mkdir(parents=True, exist_ok=True)
         _write_config(out, opts, total_steps, data)
@@ -403,7 +403,7 @@ def train(args) -> dict:
                 metrics.update(evaluator.eval_loss(p_state))
             last_eval.update(metrics)
             if checkpointer is not None:
-                checkpointer.save(host_copy(p_state), {"data": batches.position.to_dict()},
+                checkpointer.save(parallel.host_copy(p_state), {"data": batches.position.to_dict()},
                                   metrics=metrics)
 
         def flush(pending, window):
@@ -471,7 +471,7 @@ def train(args) -> dict:
                             "continue with --resume")
             raise SystemExit(128 + int(stopped_by))
 
-    final = host_copy(p_state)
+    final = parallel.host_copy(p_state)
     unet_params = final.ema_params if final.ema_params is not None else final.params
     steps_run = step - start_step
     summary = {
@@ -497,39 +497,6 @@ def train(args) -> dict:
         checkpointer.close()
     distributed.sync("run-finished")
     return summary
-
-
-def host_copy(tree):
-    """Device 0's replica of a replicated (pmapped) tree, as host numpy arrays: read straight
-    from that device's buffers (indexing the replicated arrays would run a gather per leaf)."""
-    import jax
-    import numpy as np
-
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
-
-
-def _restore(checkpointer, template, out: Path):
-    """The newest good checkpoint (damaged ones skipped with a warning) on process 0, sent to
-    every process; or the fresh state when there is none yet."""
-    import numpy as np
-
-    from jaxdiff.data import DataPosition
-
-    found, meta = None, None
-    if checkpointer is not None:
-        found = checkpointer.restore_latest(template)
-    header = np.zeros(3, np.int64)
-    if found is not None:
-        state, meta = found
-        pos = DataPosition.from_dict(meta["data"])
-        header[:] = (1, pos.epoch, pos.index)
-    header = distributed.broadcast_from_main(header)
-    if not header[0]:
-        distributed.log(f"--resume: no checkpoint in {out / CHECKPOINTS} yet; starting from step 0")
-        return template, DataPosition()
-    state = distributed.broadcast_from_main(state if found is not None else template)
-    distributed.log(f"resumed from step {int(state.step)} ({out / CHECKPOINTS})")
-    return state, DataPosition(int(header[1]), int(header[2]))
 
 
 class _Evaluator:
@@ -577,10 +544,11 @@ class _Evaluator:
             return None
         import jax
 
+        from jaxdiff import parallel
         from jaxdiff.images import make_grid, unit_to_uint8
         from jaxdiff.pipelines.stable_diffusion import GenerateConfig, generate, tokenize_prompts
 
-        state = host_copy(p_state)
+        state = parallel.host_copy(p_state)
         unet = state.params if state.ema_params is None else state.ema_params
         ids, neg = tokenize_prompts(self.pipe, self.prompts)
         config = GenerateConfig(num_inference_steps=self.args.sample_steps, height=self.resolution,

@@ -22,7 +22,6 @@ dict (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`, ...)
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from pathlib import Path
