@@ -199,7 +199,7 @@ class CheckpointMismatch(JaxdiffError):
 
 
 def _quiet_abandoned_reads() -> None:
-    """After a failed orbax restore, tensorstore finishes the reads orbax abandoned and posts
+    """When an orbax restore fails, tensorstore finishes the reads orbax abandoned and posts
     them to the event loop orbax already closed: each post raises "Event loop is closed", which
     Python would print as hundreds of tracebacks. Drop exactly those (once installed, for the
     rest of the process); every other unraisable exception goes to the previous hook."""
@@ -314,11 +314,11 @@ class Checkpointer:
     def _read(self, step: int, state_args) -> tuple[Any, dict]:
         ocp = self._ocp
         where = self.directory / str(step)
+        _quiet_abandoned_reads()  # before: the abandoned reads may finish before `except` runs
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
-            _quiet_abandoned_reads()
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise JaxdiffError(f"checkpoint {where} cannot be read ({msg})") from None
         return restored.state, dict(restored.meta or {})
