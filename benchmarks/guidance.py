@@ -134,55 +134,19 @@ def jax_loops(module, params, sched, steps, x_T, clip: bool):
 
 
 def torch_loops(unet, scheduler, steps, x_T):
-    """The course's loops (unit 2, "Guidance"), verbatim but for the variable names."""
+    """The course's loops (unit 2, "Guidance"): `jaxdiff.reference.course_color_guided_loop`."""
     import torch
+
+    from jaxdiff.reference import course_color_guided_loop
 
     x_start = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
 
-    def color_loss(images, target_color=TARGET):
-        target = torch.tensor(target_color) * 2 - 1
-        target = target[None, :, None, None]
-        return torch.abs(images - target).mean()
+    def loop(variant):
+        return lambda: course_color_guided_loop(unet, scheduler, x_start, steps, variant=variant, scale=SCALE,
+                                                target_color=TARGET)
 
-    def unguided():
-        scheduler.set_timesteps(steps)
-        x = x_start
-        for t in scheduler.timesteps:
-            with torch.no_grad():
-                noise_pred = unet(scheduler.scale_model_input(x, t), t)["sample"]
-            x = scheduler.step(noise_pred, t, x).prev_sample
-        return x
-
-    def shortcut():
-        scheduler.set_timesteps(steps)
-        x = x_start
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(x, t)
-            with torch.no_grad():
-                noise_pred = unet(model_input, t)["sample"]
-            x = x.detach().requires_grad_()
-            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
-            loss = color_loss(x0) * SCALE
-            cond_grad = -torch.autograd.grad(loss, x)[0]
-            x = x.detach() + cond_grad
-            x = scheduler.step(noise_pred, t, x).prev_sample
-        return x
-
-    def through_model():
-        scheduler.set_timesteps(steps)
-        x = x_start
-        for t in scheduler.timesteps:
-            x = x.detach().requires_grad_()
-            model_input = scheduler.scale_model_input(x, t)
-            noise_pred = unet(model_input, t)["sample"]
-            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
-            loss = color_loss(x0) * SCALE
-            cond_grad = -torch.autograd.grad(loss, x)[0]
-            x = x.detach() + cond_grad
-            x = scheduler.step(noise_pred.detach(), t, x).prev_sample
-        return x
-
-    return {"torch unguided": unguided, "torch shortcut": shortcut, "torch through_model": through_model}
+    return {"torch unguided": loop(None), "torch shortcut": loop("shortcut"),
+            "torch through_model": loop("through_model")}
 
 
 def interleaved(fns: dict, rounds: int, pause: float = 1.0) -> dict[str, list[float]]:

@@ -54,26 +54,12 @@ def parse_args(argv=None):
 
 def torch_course(batch: int):
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    class ClassConditionedUnet(torch.nn.Module):
-        def __init__(self, num_classes=10, class_emb_size=4):
-            super().__init__()
-            self.class_emb = torch.nn.Embedding(num_classes, class_emb_size)
-            self.model = UNet2DModel(
-                sample_size=28, in_channels=1 + class_emb_size, out_channels=1, layers_per_block=2,
-                block_out_channels=(32, 64, 64),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-
-        def forward(self, x, t, class_labels):
-            bs, ch, w, h = x.shape
-            class_cond = self.class_emb(class_labels)
-            class_cond = class_cond.view(bs, class_cond.shape[1], 1, 1).expand(bs, class_cond.shape[1], w, h)
-            return self.model(torch.cat((x, class_cond), 1), t).sample
+    from jaxdiff.reference import course_class_conditioned_unet
 
     torch.manual_seed(0)
-    net = ClassConditionedUnet()
+    net = course_class_conditioned_unet()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.MSELoss()

@@ -26,13 +26,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.data import DataPosition, epoch_permutation
+from jaxdiff.data import HF_HOST, DataPosition, can_reach, check_global_batch, epoch_permutation, hf_offline
 from jaxdiff.errors import JaxdiffError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 IMAGE_COLUMNS = ("image", "img", "file_name")
-HF_HOST = "huggingface.co"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -182,21 +181,6 @@ def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str]
                           local_fingerprint=f"{len(paths)}-{crc:08x}-{crc_times:08x}")
 
 
-def _hf_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _can_reach(host: str, timeout: float) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional[str] = None,
                     image_column: Optional[str] = None, timeout: float = 3.0) -> CaptionDataset:
     """A Hugging Face `datasets` dataset with an image column and a caption column. Offline
@@ -207,7 +191,7 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
     except ImportError:
         raise JaxdiffError(f"training data {name!r}: no such folder, and loading it as a Hugging "
                            "Face Hub dataset needs the datasets package (pip install datasets)") from None
-    offline = _hf_offline() or not _can_reach(HF_HOST, timeout)
+    offline = hf_offline() or not can_reach(HF_HOST, timeout)
     saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
     try:
         if offline:
@@ -302,13 +286,7 @@ class CaptionBatches:
     def __init__(self, data: CaptionDataset, global_batch_size: int, fetch: Callable[..., dict], *,
                  seed: int = 0, position: DataPosition = DataPosition(), process_index: int = 0,
                  process_count: int = 1, workers: int = 4, prefetch: int = 2):
-        if global_batch_size <= 0:
-            raise JaxdiffError(f"batch size must be positive, got {global_batch_size}")
-        if global_batch_size > len(data):
-            raise JaxdiffError(f"batch size {global_batch_size} is larger than the data set "
-                               f"({len(data)} images); use a smaller --batch-size or more images")
-        if global_batch_size % process_count:
-            raise JaxdiffError(f"batch size {global_batch_size} does not split over {process_count} processes")
+        check_global_batch(global_batch_size, len(data), process_count, " or more images")
         self.data = data
         self.global_batch_size = global_batch_size
         self.fetch = fetch

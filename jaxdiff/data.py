@@ -143,12 +143,14 @@ def load_embedded() -> Dataset:
                               "MNIST test split (10,000 digits) shipped with jaxdiff")
 
 
-def _hf_offline() -> bool:
+def hf_offline() -> bool:
+    """The user asked Hugging Face libraries to stay offline."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _can_reach(host: str, timeout: float) -> bool:
+def can_reach(host: str, timeout: float) -> bool:
+    """A TCP connection to `host`:443 opens within `timeout` seconds."""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
@@ -163,7 +165,7 @@ def load_hf(split: str = "train", timeout: float = 3.0) -> Dataset | None:
         import datasets  # noqa: F401
     except ImportError:
         return None
-    if not _hf_offline() and not _can_reach(HF_HOST, timeout):
+    if not hf_offline() and not can_reach(HF_HOST, timeout):
         return None
     try:
         from datasets import load_dataset
@@ -218,6 +220,19 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def check_global_batch(global_batch_size: int, num_examples: int, process_count: int,
+                       more_data: str = "") -> None:
+    """A global batch must be positive, no larger than the data and split evenly over the
+    processes; otherwise one clear error. `more_data`: a hint appended to the too-large case."""
+    if global_batch_size <= 0:
+        raise JaxdiffError(f"batch size must be positive, got {global_batch_size}")
+    if global_batch_size > num_examples:
+        raise JaxdiffError(f"batch size {global_batch_size} is larger than the data set "
+                           f"({num_examples} images); use a smaller --batch-size{more_data}")
+    if global_batch_size % process_count:
+        raise JaxdiffError(f"batch size {global_batch_size} does not split over {process_count} processes")
+
+
 class BatchIterator:
     """Shuffled batches of `global_batch_size` examples, a new permutation each epoch; the
     last partial batch of an epoch is dropped so every step sees the same shapes.
@@ -229,13 +244,7 @@ class BatchIterator:
     def __init__(self, data: Dataset, global_batch_size: int, *, seed: int = 0,
                  position: DataPosition = DataPosition(), process_index: int = 0,
                  process_count: int = 1):
-        if global_batch_size <= 0:
-            raise JaxdiffError(f"batch size must be positive, got {global_batch_size}")
-        if global_batch_size > len(data):
-            raise JaxdiffError(f"batch size {global_batch_size} is larger than the data set "
-                               f"({len(data)} images); use a smaller --batch-size")
-        if global_batch_size % process_count:
-            raise JaxdiffError(f"batch size {global_batch_size} does not split over {process_count} processes")
+        check_global_batch(global_batch_size, len(data), process_count)
         self.data = data
         self.global_batch_size = global_batch_size
         self.seed = seed

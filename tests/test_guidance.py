@@ -86,34 +86,16 @@ def run_guided(pipe):
 def course_loop(pipe, x_T, *, variant, scale, weights=None, dtype=torch.float32):
     """The course's colour-guided DDIM loop in PyTorch (both variants), with an optional
     per-timestep weight of the guidance (weights[t])."""
+    from jaxdiff.reference import course_color_guided_loop
+
     unet, scheduler = pipe["torch_unet"].to(dtype), pipe["torch_scheduler"]
     scheduler.set_timesteps(STEPS)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dtype)
     scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(dtype)
 
-    def color_loss(images, target_color=TARGET):
-        target = torch.tensor(target_color) * 2 - 1  # Map target color to (-1, 1)
-        target = target[None, :, None, None]
-        return torch.abs(images - target).mean()
-
     x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()).to(dtype)
-    for t in scheduler.timesteps:
-        if variant == "shortcut":
-            model_input = scheduler.scale_model_input(x, t)
-            with torch.no_grad():
-                noise_pred = unet(model_input, t)["sample"]
-            x = x.detach().requires_grad_()
-            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
-        else:
-            x = x.detach().requires_grad_()
-            model_input = scheduler.scale_model_input(x, t)
-            noise_pred = unet(model_input, t)["sample"]
-            x0 = scheduler.step(noise_pred, t, x).pred_original_sample
-        loss = color_loss(x0) * scale
-        cond_grad = -torch.autograd.grad(loss, x)[0]
-        w = 1.0 if weights is None else float(weights[int(t)])
-        x = x.detach() + cond_grad * w
-        x = scheduler.step(noise_pred.detach(), t, x).prev_sample
+    x = course_color_guided_loop(unet, scheduler, x, STEPS, variant=variant, scale=scale, target_color=TARGET,
+                                 weights=weights)
     pipe["torch_unet"].to(torch.float32)
     return x.detach().numpy().transpose(0, 2, 3, 1)
 

@@ -30,34 +30,12 @@ TINY = ["--model", "tiny", "--batch-size", "16", "--sample-steps", "2", "--per-c
 # The model against the course's PyTorch code
 # ------------------------------------------------------------------------------------------------
 
-def course_class_conditioned_unet(num_classes=10, class_emb_size=4):
-    """The course's model (unit 2, class-conditioned MNIST), as written there."""
-    import torch
-    from diffusers import UNet2DModel
-
-    class ClassConditionedUnet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.class_emb = torch.nn.Embedding(num_classes, class_emb_size)
-            self.model = UNet2DModel(
-                sample_size=28, in_channels=1 + class_emb_size, out_channels=1, layers_per_block=2,
-                block_out_channels=(32, 64, 64),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-
-        def forward(self, x, t, class_labels):
-            bs, ch, w, h = x.shape
-            class_cond = self.class_emb(class_labels)
-            class_cond = class_cond.view(bs, class_cond.shape[1], 1, 1).expand(bs, class_cond.shape[1], w, h)
-            return self.model(torch.cat((x, class_cond), 1), t).sample
-
-    return ClassConditionedUnet()
-
-
 @pytest.mark.parametrize("null_class", [False, True])
 def test_matches_the_course_pytorch_model_with_the_same_weights(null_class):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
+    from jaxdiff.reference import course_class_conditioned_unet
+
     reference = course_class_conditioned_unet(num_classes=10 + int(null_class)).eval()
     with torch.no_grad():  # non-zero everywhere, so every weight matters
         for p in reference.parameters():

@@ -191,6 +191,7 @@ def train(args) -> dict:
     from jaxdiff.pipelines.class_conditioned import CHECKPOINTS, RUN_CONFIG
     from jaxdiff.preemption import StopRequests
     from jaxdiff.run_log import RunLog
+    from jaxdiff.train_loop import run_steps
     from jaxdiff.training import (EMA, Checkpointer, create_train_state, diffusion_loss,
                                   make_train_step, resume_everywhere)
 
@@ -274,26 +275,28 @@ def train(args) -> dict:
     if start_step >= total_steps:
         log.write(f"the run is already at step {start_step}; nothing to train (raise --steps)")
     else:
-        # The first call compiles (lowered by pmap itself: a multi-host pmap is lowered for the
-        # global shapes) and runs step 1; the training time and images/s count from step 2.
-        step_fn = parallel.pmap(train_step)
-        t0 = time.perf_counter()
-        p_state, metrics = step_fn(p_state, parallel.shard(next(batches)))
-        jax.block_until_ready(p_state)
-        compile_seconds = time.perf_counter() - t0
-        timed_from = start_step + 1
-        log.start_timing(timed_from)
+        def record(step, metrics):
+            losses.append(float(metrics["loss"][0]))
+            if step % args.log_every == 0:
+                log.scalars(step, {"loss": losses[-1]})
+            log.step(step, {"loss": losses[-1]})
+
         with StopRequests() as stop:
-            p_state, step, losses, t_train = _loop(
-                step_fn, p_state, (timed_from, metrics), batches, total_steps, save, evaluate, log, stop, args)
+            result = run_steps(parallel.pmap(train_step), p_state, lambda: parallel.shard(next(batches)),
+                               start_step=start_step, total_steps=total_steps,
+                               checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, stop=stop,
+                               on_metrics=record, on_checkpoint=lambda s, _: save(s), on_eval=evaluate,
+                               on_timing_start=log.start_timing)
+        p_state, step, t_train = result.state, result.step, result.train_seconds
+        compile_seconds, timed_from = result.compile_seconds, result.timed_from
         if checkpointer is not None:
             checkpointer.wait()
-        if stop.requested:
+        if result.stopped_by is not None:
             log.close()
             if checkpointer is not None:
                 checkpointer.close()
             distributed.log(f"stopped at step {step}; checkpoint saved in {ckpt_dir}; continue with --resume")
-            raise SystemExit(128 + stop.signum)
+            raise SystemExit(128 + result.stopped_by)
     if checkpointer is not None:
         checkpointer.close()
 
@@ -347,55 +350,6 @@ class _GridSampler:
 
         images = np.asarray(self.generate(params, self.labels, self.key, self.guidance))
         return make_grid(unit_to_uint8(images), nrow=self.per_class)
-
-
-def _loop(step_fn, p_state, first, batches, total_steps, save, evaluate, log, stop, args):
-    """Steps from `first` = (step, metrics) of the step just run until `total_steps` or a stop
-    request; checkpoints and evaluates on the way. Returns (state, step, per-step losses,
-    training seconds excluding checkpoints and grids)."""
-    import jax
-
-    from jaxdiff import parallel
-
-    losses: list[float] = []
-    pending = first  # (step, metrics) of the step in flight: read after the next one is dispatched
-
-    def flush():
-        done, metrics = pending
-        losses.append(float(metrics["loss"][0]))
-        if done % args.log_every == 0:
-            log.scalars(done, {"loss": losses[-1]})
-        log.step(done, {"loss": losses[-1]})
-
-    step, t_train = first[0], 0.0
-    t_last = time.perf_counter()
-    while True:
-        stopping = stop.should_stop(step)
-        checkpointing = step % args.checkpoint_every == 0 or step == total_steps or stopping
-        evaluating = bool(args.eval_every) and step % args.eval_every == 0 and step < total_steps
-        if checkpointing or evaluating:
-            jax.block_until_ready(p_state)
-            t_train += time.perf_counter() - t_last
-            if pending is not None:
-                flush()
-                pending = None
-            if evaluating:
-                evaluate(p_state, step)
-            if checkpointing:
-                save(p_state)
-            t_last = time.perf_counter()
-        if stopping or step >= total_steps:
-            break
-        p_state, metrics = step_fn(p_state, parallel.shard(next(batches)))
-        step += 1
-        if pending is not None:
-            flush()
-        pending = (step, metrics)
-    jax.block_until_ready(p_state)
-    t_train += time.perf_counter() - t_last
-    if pending is not None:
-        flush()
-    return p_state, step, losses, t_train
 
 
 @cli_main

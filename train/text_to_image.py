@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 from jaxdiff import distributed
@@ -285,6 +284,7 @@ def train(args) -> dict:
     from jaxdiff.run_log import RunLog
     from jaxdiff.text_to_image import LossConfig, make_optimizer, text_to_image_loss
     from jaxdiff.tokenizer import tokenize
+    from jaxdiff.train_loop import run_steps
     from jaxdiff.training import EMA, Checkpointer, create_train_state, make_train_step, resume_everywhere
 
     if not args.no_compile_cache:
@@ -406,9 +406,10 @@ def train(args) -> dict:
                 checkpointer.save(parallel.host_copy(p_state), {"data": batches.position.to_dict()},
                                   metrics=metrics)
 
-        def flush(pending, window):
-            """Read the loss of a step (after the next one was dispatched) and log it."""
-            done, metrics = pending
+        window: list[float] = []  # the losses since the last checkpoint
+
+        def record(done, metrics):
+            """Log the loss of a step (read after the next one was dispatched)."""
             value = float(metrics["loss"][0])
             losses.append(value)
             window.append(value)
@@ -418,48 +419,19 @@ def train(args) -> dict:
                                    "lr": float(lr_schedule(done - 1))})
             log.step(done, {"loss": value})
 
+        def checkpoint(p_state, step):
+            save(p_state, step, list(window))
+            window.clear()
+
         with StopRequests() as stop:
-            # The first step compiles (not AOT: a multi-host pmap is lowered for the global
-            # shapes); images/s counts from the second.
-            t0 = time.perf_counter()
-            p_state, metrics = step_fn(p_state, device_batch(next(batches)))
-            jax.block_until_ready(p_state)
-            compile_seconds = time.perf_counter() - t0
-            step += 1
-            timed_from = step
-            log.start_timing(step)
-            pending, window = (step, metrics), []
-            t_last = time.perf_counter()
-            while True:
-                stopping = stop.should_stop(step)
-                checkpointing = step % args.checkpoint_every == 0 or step == total_steps or stopping
-                evaluating = bool(args.eval_every) and step % args.eval_every == 0 and step < total_steps
-                if checkpointing or evaluating:
-                    jax.block_until_ready(p_state)
-                    t_train += time.perf_counter() - t_last
-                    if pending is not None:
-                        flush(pending, window)
-                        pending = None
-                    if evaluating:
-                        evaluator.log_eval(log, p_state, step)
-                    if checkpointing:
-                        save(p_state, step, window)
-                        window = []
-                    t_last = time.perf_counter()
-                if stopping:
-                    stopped_by = stop.signum
-                    break
-                if step >= total_steps:
-                    break
-                p_state, metrics = step_fn(p_state, device_batch(next(batches)))
-                step += 1
-                if pending is not None:
-                    flush(pending, window)
-                pending = (step, metrics)
-            jax.block_until_ready(p_state)
-            t_train += time.perf_counter() - t_last
-            if pending is not None:
-                flush(pending, window)
+            result = run_steps(step_fn, p_state, lambda: device_batch(next(batches)), start_step=start_step,
+                               total_steps=total_steps, checkpoint_every=args.checkpoint_every,
+                               eval_every=args.eval_every, stop=stop, on_metrics=record,
+                               on_checkpoint=checkpoint,
+                               on_eval=lambda p_state, step: evaluator.log_eval(log, p_state, step),
+                               on_timing_start=log.start_timing)
+        p_state, step, t_train, stopped_by = result.state, result.step, result.train_seconds, result.stopped_by
+        compile_seconds, timed_from = result.compile_seconds, result.timed_from
         batches.close()
         if checkpointer is not None:
             checkpointer.wait()
