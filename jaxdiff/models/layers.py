@@ -153,6 +153,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     through the UNet, e.g. guidance) XLA:CPU keeps that `01oi` kernel layout and falls back to a
     naive loop emitter, ~7x slower than its Eigen convolution. Materialising the transposed
     kernel (tiny next to the activations) keeps every convolution on the fast path."""
+    if _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count):
+        # A 1×1 convolution is a matmul over channels; XLA:CPU's dot runs it ~2x faster than its
+        # convolution (the UNet's conv_shortcut layers), with the same sum over input channels.
+        return jax.lax.dot_general(lhs, rhs[0, 0], (((lhs.ndim - 1,), (0,)), ((), ())),
+                                   precision=precision, preferred_element_type=preferred_element_type)
     if feature_group_count != 1 or batch_group_count != 1:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -162,6 +168,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     static = (tuple(window_strides), pad, None if lhs_dilation is None else tuple(lhs_dilation),
               None if rhs_dilation is None else tuple(rhs_dilation), dn, precision, preferred_element_type)
     return _conv(static, lhs, rhs)
+
+
+def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count) -> bool:
+    """A 1×1, stride-1, unpadded, undilated, ungrouped NHWC/HWIO convolution (flax's layout)."""
+    if lhs.ndim != 4 or rhs.shape[:2] != (1, 1) or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if tuple(window_strides) != (1, 1) or any(d not in (None, (1, 1)) for d in
+                                              (None if lhs_dilation is None else tuple(lhs_dilation),
+                                               None if rhs_dilation is None else tuple(rhs_dilation))):
+        return False
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            return False
+    elif tuple(tuple(int(v) for v in p) for p in padding) != ((0, 0), (0, 0)):
+        return False
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dn.out_spec) == (0, 3, 1, 2))
 
 
 def _plain_conv(static, lhs, rhs, dn=None):
