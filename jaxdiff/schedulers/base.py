@@ -164,8 +164,13 @@ class Scheduler:
                       dtype=jnp.float32) -> SchedulerState:
         """A state for `num_inference_steps` (static) steps with the history reset.
         `strength` in (0, 1] starts the loop part-way, as diffusers' img2img does
-        (`begin_index = n - int(n * strength)`); `shape` pre-allocates multistep history."""
-        raise NotImplementedError
+        (`begin_index = n - int(n * strength)`); `shape` pre-allocates multistep history.
+
+        This default (DDPM, DDIM): integer timesteps spaced by `timestep_spacing`."""
+        n = self._check_steps(num_inference_steps)
+        ts = common.spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
+        return self._finish_set_timesteps(state, n, ts.astype("int32"), strength=strength,
+                                          shape=shape, dtype=dtype)
 
     def _finish_set_timesteps(self, state: SchedulerState, num_inference_steps: int,
                               timesteps, sigmas=None, *, strength=None, shape=None,

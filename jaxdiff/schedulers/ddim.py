@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import common
-from jaxdiff.schedulers.base import Scheduler, SchedulerState, StepOutput, draw_noise
+from jaxdiff.schedulers.base import Scheduler, StepOutput, draw_noise
 from jaxdiff.schedulers.ddpm import clip_or_threshold
 
 
@@ -44,13 +44,6 @@ class DDIMScheduler(Scheduler):
 
     def _final_alpha_cumprod(self, ac: np.ndarray) -> np.float32:
         return np.float32(1.0) if self.set_alpha_to_one else ac[0]
-
-    def set_timesteps(self, state, num_inference_steps, *, strength=None, shape=None,
-                      dtype=jnp.float32) -> SchedulerState:
-        n = self._check_steps(num_inference_steps)
-        ts = common.spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
-        return self._finish_set_timesteps(state, n, ts.astype("int32"), strength=strength,
-                                          shape=shape, dtype=dtype)
 
     def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
         """DDIM update from timestep t to t - T // num_inference_steps (diffusers' rule, for every

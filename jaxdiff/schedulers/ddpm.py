@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import common
-from jaxdiff.schedulers.base import (Scheduler, SchedulerState, StepOutput, draw_noise,
+from jaxdiff.schedulers.base import (Scheduler, StepOutput, draw_noise,
                                      split_variance)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
@@ -54,13 +54,6 @@ class DDPMScheduler(Scheduler):
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     rescale_betas_zero_snr: bool = False
-
-    def set_timesteps(self, state, num_inference_steps, *, strength=None, shape=None,
-                      dtype=jnp.float32) -> SchedulerState:
-        n = self._check_steps(num_inference_steps)
-        ts = common.spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
-        return self._finish_set_timesteps(state, n, ts.astype("int32"), strength=strength,
-                                          shape=shape, dtype=dtype)
 
     def _variance(self, alpha_prod_t, alpha_prod_t_prev, current_beta_t, predicted_variance):
         """The standard deviation of the noise added at this step."""

@@ -52,15 +52,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, state, num_inference_steps, *, strength=None, shape=None,
                       dtype=jnp.float32) -> SchedulerState:
         n = self._check_steps(num_inference_steps)
-        ts = common.float_spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
-        train = self._train_sigmas()
-        log_sigmas = np.log(train)
-        sigmas = np.interp(ts, np.arange(0, len(train)), train)
-        if self.use_karras_sigmas or self.use_exponential_sigmas:
-            smin, smax = self._config_sigma_range(sigmas)
-            make = common.karras_sigmas if self.use_karras_sigmas else common.exponential_sigmas
-            sigmas = make(smin, smax, n)
-            ts = np.array([common.sigma_to_t(s, log_sigmas) for s in sigmas])
+        ts, sigmas, train = self._inference_sigmas(n)
         if self.final_sigmas_type == "sigma_min":
             sigma_last = train[0]
         else:

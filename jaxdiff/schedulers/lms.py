@@ -70,16 +70,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, state, num_inference_steps, *, strength=None, shape=None,
                       dtype=jnp.float32) -> SchedulerState:
         n = self._check_steps(num_inference_steps)
-        ts = common.float_spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
-        train = self._train_sigmas()
-        log_sigmas = np.log(train)
-        sigmas = np.interp(ts, np.arange(0, len(train)), train)
-        if self.use_karras_sigmas:
-            sigmas = common.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
-            ts = np.array([common.sigma_to_t(s, log_sigmas) for s in sigmas])
-        elif self.use_exponential_sigmas:
-            sigmas = common.exponential_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
-            ts = np.array([common.sigma_to_t(s, log_sigmas) for s in sigmas])
+        ts, sigmas, _ = self._inference_sigmas(n)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         coeffs = lms_coefficients(sigmas)
         return self._finish_set_timesteps(state, n, ts.astype(np.float32), sigmas, strength=strength,

@@ -29,6 +29,21 @@ class SigmaScheduler(Scheduler):
     def _train_sigmas(self) -> np.ndarray:
         return common.train_sigmas(self._alphas_cumprod())
 
+    def _inference_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(timesteps, sigmas, training sigmas) for `n` steps, without the final sigma: the
+        training sigmas interpolated at the spaced timesteps, or Karras / exponential sigmas
+        over their range (and the timesteps they map to) when the config asks for them."""
+        ts = common.float_spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
+        train = self._train_sigmas()
+        sigmas = np.interp(ts, np.arange(0, len(train)), train)
+        karras = getattr(self, "use_karras_sigmas", False)
+        if karras or getattr(self, "use_exponential_sigmas", False):
+            smin, smax = self._config_sigma_range(sigmas)
+            sigmas = (common.karras_sigmas if karras else common.exponential_sigmas)(smin, smax, n)
+            log_sigmas = np.log(train)
+            ts = np.array([common.sigma_to_t(s, log_sigmas) for s in sigmas])
+        return ts, sigmas, train
+
     def _config_sigma_range(self, in_sigmas: np.ndarray) -> tuple[float, float]:
         """(sigma_min, sigma_max) for Karras/exponential schedules: config values when set."""
         smin = getattr(self, "sigma_min", None)
