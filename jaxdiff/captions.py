@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.data import HF_HOST, DataPosition, can_reach, check_global_batch, epoch_permutation, hf_offline
+from jaxdiff.data import HF_HOST, DataPosition, EpochOrder, can_reach, check_global_batch, hf_offline
 from jaxdiff.errors import JaxdiffError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -273,7 +273,7 @@ def pick_caption(num_captions: int, seed: int, epoch: int, example: int) -> int:
     return zlib.crc32(np.array([seed, epoch, example], np.int64).tobytes()) % num_captions
 
 
-class CaptionBatches:
+class CaptionBatches(EpochOrder):
     """Shuffled batches of `global_batch_size` examples (a new permutation of the whole data
     set each epoch, a function of (seed, epoch); the last partial batch of an epoch dropped).
     Each process fetches only its own `process_index`-th slice of every global batch.
@@ -299,15 +299,6 @@ class CaptionBatches:
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if workers else None
         self._queue: collections.deque = collections.deque()
         self._prefetch = max(0, prefetch)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.data) // self.global_batch_size
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = epoch_permutation(len(self.data), self.seed, epoch), epoch
-        return self._perm  # type: ignore[return-value]
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray, DataPosition]:
         """The next local batch's example and caption indices, and the position after it."""

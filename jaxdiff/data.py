@@ -233,7 +233,21 @@ def check_global_batch(global_batch_size: int, num_examples: int, process_count:
         raise JaxdiffError(f"batch size {global_batch_size} does not split over {process_count} processes")
 
 
-class BatchIterator:
+class EpochOrder:
+    """The order of one epoch for batch iterators that have `data`, `global_batch_size`, `seed`
+    (and start with `_perm_epoch = -1`): a permutation per epoch, computed once per epoch."""
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.data) // self.global_batch_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = epoch_permutation(len(self.data), self.seed, epoch), epoch
+        return self._perm  # type: ignore[return-value]
+
+
+class BatchIterator(EpochOrder):
     """Shuffled batches of `global_batch_size` examples, a new permutation each epoch; the
     last partial batch of an epoch is dropped so every step sees the same shapes.
 
@@ -253,15 +267,6 @@ class BatchIterator:
         self._offset = process_index * self._local
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.data) // self.global_batch_size
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = epoch_permutation(len(self.data), self.seed, epoch), epoch
-        return self._perm  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[dict]:
         return self

@@ -25,6 +25,22 @@ class LoopResult:
     stopped_by: Optional[int]  # the signal that stopped the run early, or None
 
 
+def summary(start_step: int, step: int, timed_from: int, train_seconds: float, batch_size: int,
+            losses: list[float], final_loss_window: int = 50) -> dict:
+    """The common part of a training program's one-line JSON report: steps run, the final
+    global step, training seconds, images/s (from `timed_from`) and the mean of the last
+    `final_loss_window` losses."""
+    import numpy as np
+
+    return {
+        "steps": step - start_step,
+        "global_step": step,
+        "train_seconds": round(train_seconds, 3),
+        "images_per_s": round((step - timed_from) * batch_size / train_seconds, 2) if train_seconds > 0 else None,
+        "final_loss": round(float(np.mean(losses[-final_loss_window:])), 5) if losses else None,
+    }
+
+
 def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any], *, start_step: int,
               total_steps: int, checkpoint_every: int, eval_every: int, stop,
               on_metrics: Callable[[int, Mapping], None],

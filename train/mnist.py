@@ -181,7 +181,6 @@ def train(args) -> dict:
     """Run (or continue) training as the flags say; returns the summary dict."""
     _check_args(args)
     import jax
-    import numpy as np
     import optax
 
     from jaxdiff import distributed, parallel
@@ -192,6 +191,7 @@ def train(args) -> dict:
     from jaxdiff.preemption import StopRequests
     from jaxdiff.run_log import RunLog
     from jaxdiff.train_loop import run_steps
+    from jaxdiff.train_loop import summary as train_summary
     from jaxdiff.training import (EMA, Checkpointer, create_train_state, diffusion_loss,
                                   make_train_step, resume_everywhere)
 
@@ -300,13 +300,8 @@ def train(args) -> dict:
     if checkpointer is not None:
         checkpointer.close()
 
-    steps_run = step - start_step
     summary = {
-        "steps": steps_run,
-        "global_step": step,
-        "train_seconds": round(t_train, 3),
-        "images_per_s": round((step - timed_from) * batch_size / t_train, 2) if t_train > 0 else None,
-        "final_loss": round(float(np.mean(losses[-FINAL_LOSS_WINDOW:])), 5) if losses else None,
+        **train_summary(start_step, step, timed_from, t_train, batch_size, losses, FINAL_LOSS_WINDOW),
         "compile_seconds": round(compile_seconds, 2),
         "devices": n_dev,
         "processes": distributed.process_count(),

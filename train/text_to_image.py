@@ -285,6 +285,7 @@ def train(args) -> dict:
     from jaxdiff.text_to_image import LossConfig, make_optimizer, text_to_image_loss
     from jaxdiff.tokenizer import tokenize
     from jaxdiff.train_loop import run_steps
+    from jaxdiff.train_loop import summary as train_summary
     from jaxdiff.training import EMA, Checkpointer, create_train_state, make_train_step, resume_everywhere
 
     if not args.no_compile_cache:
@@ -445,13 +446,8 @@ def train(args) -> dict:
 
     final = parallel.host_copy(p_state)
     unet_params = final.ema_params if final.ema_params is not None else final.params
-    steps_run = step - start_step
     summary = {
-        "steps": steps_run,
-        "global_step": step,
-        "train_seconds": round(t_train, 3),
-        "images_per_s": round((step - timed_from) * batch_size / t_train, 2) if t_train > 0 else None,
-        "final_loss": round(float(np.mean(losses[-FINAL_LOSS_WINDOW:])), 5) if losses else None,
+        **train_summary(start_step, step, timed_from, t_train, batch_size, losses, FINAL_LOSS_WINDOW),
         "first_step_seconds": round(compile_seconds, 2),  # compilation + one step
         "devices": jax.device_count(),
         "processes": distributed.process_count(),
