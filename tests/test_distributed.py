@@ -4,8 +4,6 @@ on the same global batches; process 0 alone writes the run folder."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,8 @@ import numpy as np
 import pytest
 from test_text_to_image import (REFERENCE_FLAGS, TRAIN, assert_trees_equal, checkpoint_part,  # noqa: F401
                                 reference_run, run_args)
+
+from subprocesses import free_port, subprocess_env
 
 from jaxdiff import distributed
 from jaxdiff.distributed import DistributedConfig
@@ -62,25 +62,11 @@ def test_a_single_process_run_needs_no_setup():
     distributed.all_equal("x", "anything")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env_with(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAXDIFF_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 def test_an_unreachable_coordinator_is_one_clear_error():
     cmd = [sys.executable, "-c", "from jaxdiff import distributed; from jaxdiff.errors import cli_main; "
            "cli_main(lambda: distributed.initialize(distributed.DistributedConfig("
            f"'127.0.0.1:{free_port()}', 2, 1, timeout_s=2)))()"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_with(1), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
 
@@ -97,7 +83,7 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
     args = run_args(fixtures_dir / "tiny-sd-pt-v1", data, multi, "--steps", "6", *REFERENCE_FLAGS)
     procs = [subprocess.Popen(TRAIN + args + [
         "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
-        "--distributed-timeout", "60"], cwd=ROOT, env=env_with(1), stdout=subprocess.PIPE,
+        "--distributed-timeout", "60"], cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
     try:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocesses import free_port, subprocess_env
 
 from jaxdiff.models.class_conditioned import ClassConditionedUnet
 from jaxdiff.weights import torch_state_to_flax
@@ -73,18 +74,8 @@ def test_unet_class_embedding_conditions_every_block_and_concat_is_optional():
 # The programs
 # ------------------------------------------------------------------------------------------------
 
-def _env():
-    """The programs run on this machine's one CPU device (pmap over 8 is tested in-process)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    env["JAXDIFF_CACHE_DIR"] = str(ROOT / ".jax_cache")  # share compiled programs with the test run
-    env["HF_DATASETS_OFFLINE"] = "1"
-    return env
-
-
 def run_cli(module: str, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=subprocess_env(1),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -188,7 +179,7 @@ def _read_until(proc, pattern: str, timeout: float) -> str:
 
 def _start_training(out: Path, *args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, args)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _stop_mid_run(proc, signum) -> str:
@@ -232,27 +223,18 @@ def test_ctrl_c_mid_run_checkpoints_and_exits_130(tmp_path, mnist_dir):
 def test_two_processes_train_exactly_as_one_process_with_two_devices(tmp_path, mnist_dir):
     """Multi-host: two processes on localhost with one CPU device each (gloo collectives), against
     one process with two devices, same flags: the same checkpoints bit for bit, written once."""
-    import socket
-
     common = ["--data-dir", mnist_dir, "--steps", 4, "--checkpoint-every", 2, "--no-samples", "--no-progress",
               "--log-backend", "jsonl", *TINY]
-
-    def env(devices):
-        e = _env()
-        e["XLA_FLAGS"] = (e["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}").strip()
-        return e
 
     def command(out, *extra):
         return [sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, common), *extra]
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(command(tmp_path / "multi", "--coordinator-address", address, "--num-processes",
                                       "2", "--process-id", str(i), "--distributed-timeout", "60"),
-                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    single = subprocess.run(command(tmp_path / "single"), cwd=ROOT, env=env(2), capture_output=True, text=True,
+    single = subprocess.run(command(tmp_path / "single"), cwd=ROOT, env=subprocess_env(2), capture_output=True, text=True,
                             timeout=300)
     outs = []
     try:

@@ -10,7 +10,6 @@ Tolerances are stated where float32 round-off enters; equal runs are compared bi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from subprocesses import subprocess_env
 
 from jaxdiff import parallel
 from jaxdiff.captions import (CaptionBatches, load_captions, load_imagefolder, pick_caption,
@@ -525,14 +525,6 @@ def test_a_hub_dataset_name_without_the_datasets_package_is_a_clear_error(monkey
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(JaxdiffError, match="needs the datasets package"):
         load_captions("lambdalabs/naruto-blip-captions", verbose=False)
-
-
-def subprocess_env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAXDIFF_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
 
 
 TRAIN = [sys.executable, "-m", "train.text_to_image"]
