@@ -35,6 +35,7 @@ from jaxdiff.errors import JaxdiffError, unknown_choice
 from jaxdiff.images import uint8_to_model
 from jaxdiff.models.autoencoder_kl import DiagonalGaussianDistribution, scale_latents
 from jaxdiff.parallel import AXIS, example_keys
+from jaxdiff.training import min_snr_weights, snr  # noqa: F401  (part of this module's API)
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -57,23 +58,6 @@ class LossConfig:
             raise JaxdiffError(f"noise_offset must be >= 0, got {self.noise_offset}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise JaxdiffError(f"snr_gamma must be > 0, got {self.snr_gamma}")
-
-
-def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
-    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at integer timesteps t."""
-    a = alphas_cumprod[t].astype(jnp.float32)
-    return a / (1.0 - a)
-
-
-def min_snr_weights(snr_t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Per-example loss weights of min-SNR-γ, as diffusers' training scripts compute them:
-    min(SNR, γ) / SNR for an epsilon target, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0."""
-    w = jnp.minimum(snr_t, gamma)
-    if prediction_type == "epsilon":
-        return w / snr_t
-    if prediction_type == "v_prediction":
-        return w / (snr_t + 1.0)
-    return w
 
 
 def per_example_draws(key: jax.Array, latent_shape: tuple, num_train_timesteps: int,

@@ -113,6 +113,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     return train_step
 
 
+def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at integer timesteps t."""
+    a = alphas_cumprod[t].astype(jnp.float32)
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr_t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+    """Per-example loss weights of min-SNR-γ, as diffusers' training scripts compute them:
+    min(SNR, γ) / SNR for an epsilon target, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0."""
+    w = jnp.minimum(snr_t, gamma)
+    if prediction_type == "epsilon":
+        return w / snr_t
+    if prediction_type == "v_prediction":
+        return w / (snr_t + 1.0)
+    return w
+
+
 def diffusion_loss(apply_fn: Callable, scheduler, scheduler_state, *, cfg_dropout: float = 0.0,
                    null_label: int | None = None, snr_gamma: float | None = None,
                    axis_name: str | None = AXIS) -> LossFn:
@@ -128,8 +145,6 @@ def diffusion_loss(apply_fn: Callable, scheduler, scheduler_state, *, cfg_dropou
     if cfg_dropout > 0 and null_label is None:
         raise ValueError("cfg_dropout needs a null_label for the dropped conditioning")
     num_train_timesteps = int(scheduler_state.alphas_cumprod.shape[0])
-    if snr_gamma is not None:
-        from jaxdiff.text_to_image import min_snr_weights, snr
 
     def draw(key, shape):
         k_noise, k_t, k_drop = jax.random.split(key, 3)
