@@ -9,6 +9,7 @@ that quotes the dropped words, as diffusers' pipelines do.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ import numpy as np
 from jaxdiff.errors import JaxdiffError
 
 _FILES = ("vocab.json", "merges.txt")
+_TOKENIZER_LOCK = threading.Lock()
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -55,17 +57,28 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
     length = int(max_length or tokenizer.model_max_length)
     if length < 2 or length > 100_000:
         raise JaxdiffError(f"max_length {length} is not a usable context length; pass max_length=77 for CLIP")
-    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
-    for prompt, ids in zip(prompts, full):
+    with _TOKENIZER_LOCK:
+        # One call, no padding or truncation: the fast tokenizer keeps its padding/truncation
+        # settings as mutable state, so two threads calling it with different settings (the
+        # caption loader tokenizes in worker threads) would get each other's. We cut and pad here.
+        full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = np.full((len(prompts), length), pad_id, dtype=np.int32)
+    for row, (prompt, ids) in enumerate(zip(prompts, full)):
+        ids = list(ids)
         if len(ids) > length:
-            dropped = tokenizer.decode(ids[length - 1:-1])
+            with _TOKENIZER_LOCK:
+                dropped = tokenizer.decode(ids[length - 1:-1])
             warnings.warn(
                 f"the prompt {_short(prompt)!r} has {len(ids)} tokens; the text encoder takes "
                 f"{length}, so this part was truncated: {_short(dropped, 200)!r}",
                 PromptTruncatedWarning, stacklevel=2)
-    out = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                    return_tensors="np")["input_ids"]
-    return np.asarray(out, dtype=np.int32)
+            ids = ids[: length - 1] + ids[-1:]      # keep the end-of-text token last
+        if getattr(tokenizer, "padding_side", "right") == "left":
+            out[row, length - len(ids):] = ids
+        else:
+            out[row, : len(ids)] = ids
+    return out
 
 
 def _short(text: str, n: int = 60) -> str:

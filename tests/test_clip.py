@@ -379,9 +379,26 @@ def test_a_long_prompt_is_truncated_with_a_warning(fixtures_dir):
     with pytest.warns(PromptTruncatedWarning, match="truncated: .*on the moon"):
         ids = tokenize(tokenizer, [long_prompt, "short"])
     assert ids.shape == (2, 77) and ids[0, -1] == tokenizer.eos_token_id
+    want = tokenizer([long_prompt, "short"], padding="max_length", max_length=77, truncation=True).input_ids
+    np.testing.assert_array_equal(ids, np.array(want))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize(tokenizer, "short")
+
+
+def test_tokenize_from_many_threads_gives_what_one_thread_gives(fixtures_dir):
+    """The caption loader tokenizes in worker threads; the fast tokenizer's padding settings are
+    shared mutable state, so concurrent calls must not see each other's settings."""
+    import concurrent.futures
+
+    tokenizer = load_tokenizer(fixtures_dir / "tiny-sd-pt-v1")
+    batches = [[f"a {c} square number {i}" for c in ("red", "green", "blue")[: 1 + i % 3]] for i in range(64)]
+    want = [tokenize(tokenizer, b) for b in batches]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda b: tokenize(tokenizer, b), batches))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
 
 
 def test_a_missing_tokenizer_is_a_clear_error(tmp_path):
