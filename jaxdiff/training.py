@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import zlib
@@ -213,11 +214,22 @@ class CheckpointMismatch(JaxdiffError):
     checkpoint of the same run would not fit either."""
 
 
-def _quiet_abandoned_reads() -> None:
-    """When an orbax restore fails, tensorstore finishes the reads orbax abandoned and posts
-    them to the event loop orbax already closed: each post raises "Event loop is closed", which
-    Python would print as hundreds of tracebacks. Drop exactly those (once installed, for the
-    rest of the process); every other unraisable exception goes to the previous hook."""
+_QUIET_CHECKPOINT_DIRS: set[str] = set()
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+def _quiet_abandoned_reads(directory: Path) -> None:
+    """When an orbax restore fails, tensorstore finishes the reads orbax abandoned, and Python
+    would print each as a traceback: posted to the event loop orbax already closed ("Event loop
+    is closed", an unraisable exception), or logged by asyncio as "Task exception was never
+    retrieved" when the failed read task is collected. Drop exactly those — the second kind only
+    when its error names a file under `directory` — for the rest of the process; everything else
+    goes to the previous hook and to asyncio's logger as before."""
+    directory = Path(directory)
+    _QUIET_CHECKPOINT_DIRS.update({str(directory.absolute()), str(directory.resolve())})
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadFilter())
     previous = sys.unraisablehook
     if getattr(previous, "_jaxdiff_quiet", False):
         return
@@ -230,6 +242,17 @@ def _quiet_abandoned_reads() -> None:
 
     hook._jaxdiff_quiet = True
     sys.unraisablehook = hook
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for a read of a checkpoint whose restore
+    already failed (and was reported as one error line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_NEVER_RETRIEVED) or not record.exc_info:
+            return True
+        text = str(record.exc_info[1])
+        return not any(d in text for d in _QUIET_CHECKPOINT_DIRS)
 
 
 def _warn(message: str) -> None:
@@ -329,7 +352,7 @@ class Checkpointer:
     def _read(self, step: int, state_args) -> tuple[Any, dict]:
         ocp = self._ocp
         where = self.directory / str(step)
-        _quiet_abandoned_reads()  # before: the abandoned reads may finish before `except` runs
+        _quiet_abandoned_reads(self.directory)  # before: the abandoned reads may finish before `except` runs
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=state_args, meta=ocp.args.JsonRestore()))
@@ -349,6 +372,7 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, abstract) -> None:
         where = self.directory / str(step)
+        _quiet_abandoned_reads(self.directory)
         try:
             stored = _leaf_shapes(self.manager.item_metadata(step)["state"].tree)
         except Exception as e:  # unreadable metadata: a damaged checkpoint

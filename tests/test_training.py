@@ -217,6 +217,40 @@ def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
         ckpt.restore_latest(toy_state(), move_aside=False)
 
 
+def test_abandoned_reads_of_a_failed_restore_are_not_printed_but_other_task_errors_are(tmp_path, capsys):
+    """After a failed restore, a collected read task of that checkpoint makes asyncio log "Task
+    exception was never retrieved" with a traceback; that one is dropped, any other is kept."""
+    import asyncio
+    import gc
+    import logging
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(toy_state())
+    ckpt.wait()
+    _damage(tmp_path / "ckpt" / "0")
+    with pytest.raises(JaxdiffError, match="no usable checkpoint"):
+        ckpt.restore_latest(toy_state(), move_aside=False)
+    handler = logging.StreamHandler()  # stderr as the test sees it, like Python's last resort
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        loop = asyncio.new_event_loop()
+        for message in (f'Error reading local file "{tmp_path / "ckpt" / "0" / "state"}/d/abc"',
+                        "an unrelated task failure"):
+            async def fail(message=message):
+                raise ValueError(message)
+
+            task = loop.create_task(fail())
+            loop.run_until_complete(asyncio.sleep(0))
+            del task
+            gc.collect()
+        loop.close()
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "an unrelated task failure" in err and "Task exception was never retrieved" in err
+    assert "state/d/abc" not in err
+
+
 def test_an_unfinished_save_is_not_a_checkpoint(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(toy_state().replace(step=jnp.int32(1)))
