@@ -142,3 +142,36 @@ def test_cross_attention_matches_diffusers():
     x, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
     got = port(ref, Attention(32, heads=2, dim_head=16), jnp.asarray(x.numpy()), jnp.asarray(ctx.numpy()))
     np.testing.assert_allclose(got, ref(x, ctx).detach().numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("q_shape, kv_len, block_bytes", [
+    ((4, 49, 8, 8), 49, 8 << 20),        # one block
+    ((3, 30, 5, 16), 30, 30 * 30 * 4 * 4),  # 15 rows in blocks of 4: the last block padded
+    ((2, 64, 2, 8), 7, 1),               # cross attention, one row per block
+])
+def test_cache_blocked_attention_equals_xla_attention_values_and_gradients(q_shape, kv_len, block_bytes,
+                                                                          monkeypatch):
+    import jaxdiff.models.attention as attention
+
+    monkeypatch.setattr(attention, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(0)
+    b, t, n, d = q_shape
+    q = rng.standard_normal(q_shape).astype(np.float32)
+    k, v = (rng.standard_normal((b, kv_len, n, d)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(q_shape).astype(np.float32)
+    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
+    want, want_vjp = jax.vjp(reference, q, k, v)
+    got, got_vjp = jax.vjp(jax.jit(attention.cache_blocked_attention), q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for a, w in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, w, atol=2e-5)
+
+
+def test_cache_blocked_attention_keeps_bfloat16():
+    from jaxdiff.models.attention import cache_blocked_attention
+
+    q = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 4, 8)), jnp.bfloat16)
+    got = cache_blocked_attention(q, q, q)
+    want = jax.nn.dot_product_attention(q, q, q, implementation="xla")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
