@@ -17,7 +17,8 @@ Two workloads on the diffusion course's MNIST UNet (28×28×1, channels 32/64/64
 
 Findings on this 2-core AMD EPYC (details in the commit log / report): pinned to one core
 (`taskset -c 0 ... --torch-threads 1`, the measurement least disturbed by other load) jaxdiff's
-forward runs at ~0.9x PyTorch (oneDNN); with both on 2 threads the ratio swings with the machine's
+forward runs at ~0.9x PyTorch (oneDNN) — 1.38x since attention runs in cache-sized blocks on the
+CPU (`benchmarks/attention.py`); with both on 2 threads the ratio swings with the machine's
 load (0.7x quiet, >2x when other processes compete, since torch's OpenMP threads degrade more).
 XLA's NHWC 3x3 convs match oneDNN here; the gap was GroupNorm (fixed in layers.GroupNorm). No XLA
 flag in the sweep, bf16, matmul precision or donation changed the forward beyond noise, and NCHW
