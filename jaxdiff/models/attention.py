@@ -33,7 +33,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     On a GPU with bf16/fp16 inputs the fused cuDNN (flash) kernel is used; on the CPU (no mask)
     `cache_blocked_attention`; elsewhere XLA's implementation.
-    ``JAXDIFF_ATTENTION=xla|cudnn|blocked`` forces one."""
+    ``JAXDIFF_ATTENTION=xla|cudnn|blocked`` forces one (``xla`` on the CPU for forward-mode
+    autodiff, `jax.jvp` through the model: the blocked path defines reverse mode only)."""
     forced = os.environ.get("JAXDIFF_ATTENTION")
     if forced not in (None, "", "xla", "cudnn", "blocked", "auto"):
         raise ValueError(f"JAXDIFF_ATTENTION={forced!r}; choose one of: auto, blocked, cudnn, xla")
