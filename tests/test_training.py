@@ -208,13 +208,18 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_pa
     assert ckpt.steps == [1, 2]
 
 
-def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+def _restore_from_a_wholly_damaged_folder(tmp_path):
+    """One checkpoint, damaged; restoring it is one clear error."""
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(toy_state())
     ckpt.wait()
     _damage(tmp_path / "ckpt" / "0")
     with pytest.raises(JaxdiffError, match="no usable checkpoint"):
         ckpt.restore_latest(toy_state(), move_aside=False)
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    _restore_from_a_wholly_damaged_folder(tmp_path)
 
 
 def test_abandoned_reads_of_a_failed_restore_are_not_printed_but_other_task_errors_are(tmp_path, capsys):
@@ -224,12 +229,7 @@ def test_abandoned_reads_of_a_failed_restore_are_not_printed_but_other_task_erro
     import gc
     import logging
 
-    ckpt = Checkpointer(tmp_path / "ckpt")
-    ckpt.save(toy_state())
-    ckpt.wait()
-    _damage(tmp_path / "ckpt" / "0")
-    with pytest.raises(JaxdiffError, match="no usable checkpoint"):
-        ckpt.restore_latest(toy_state(), move_aside=False)
+    _restore_from_a_wholly_damaged_folder(tmp_path)
     handler = logging.StreamHandler()  # stderr as the test sees it, like Python's last resort
     logging.getLogger("asyncio").addHandler(handler)
     try:
