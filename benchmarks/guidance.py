@@ -137,7 +137,7 @@ def torch_loops(unet, scheduler, steps, x_T):
     """The course's loops (unit 2, "Guidance"): `jaxdiff.reference.course_color_guided_loop`."""
     import torch
 
-    from jaxdiff.reference import course_color_guided_loop
+    from jaxdiff.testing.reference import course_color_guided_loop
 
     x_start = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
 

@@ -56,7 +56,7 @@ def torch_course(batch: int):
     import torch
     from diffusers import DDPMScheduler
 
-    from jaxdiff.reference import course_class_conditioned_unet
+    from jaxdiff.testing.reference import course_class_conditioned_unet
 
     torch.manual_seed(0)
     net = course_class_conditioned_unet()
@@ -248,7 +248,7 @@ def quality(run_dir: str, fast_steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff.data import load_mnist
+    from jaxdiff.data.mnist import load_mnist
     from jaxdiff.eval.digit_classifier import accuracy, load_or_train
     from jaxdiff.pipelines.class_conditioned import class_labels, default_guidance, load_run, make_generator
 

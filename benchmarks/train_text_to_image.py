@@ -51,7 +51,8 @@ def run_jax(args, unet_config: dict) -> dict:
     from jaxdiff.models import unet_2d_condition as U
     from jaxdiff.pipelines.stable_diffusion import StableDiffusion
     from jaxdiff.schedulers import create_scheduler
-    from jaxdiff.text_to_image import LossConfig, make_optimizer, text_to_image_loss
+    from jaxdiff.training.optim import make_optimizer
+    from jaxdiff.training.text_to_image import LossConfig, text_to_image_loss
     from jaxdiff.training import EMA, create_train_state, make_train_step
 
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxdiff.data import (BatchIterator, DataPosition, Dataset, load_embedded, load_idx_folder,
-                          load_mnist, read_idx, write_idx)
+from jaxdiff.data.batches import BatchIterator, DataPosition
+from jaxdiff.data.mnist import Dataset, load_embedded, load_idx_folder, load_mnist, read_idx, write_idx
 from jaxdiff.errors import JaxdiffError
 
 # Class counts of the MNIST test set (shared/README.md).

@@ -1,4 +1,4 @@
-"""Multi-host start-up (jaxdiff.distributed) and the multi-host training run: two processes on
+"""Multi-host start-up (jaxdiff.parallel.distributed) and the multi-host training run: two processes on
 localhost (one CPU device each, gloo collectives) train exactly as one process with two devices
 on the same global batches; process 0 alone writes the run folder."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from test_text_to_image import (REFERENCE_FLAGS, TRAIN, assert_trees_equal, chec
 
 from subprocesses import free_port, subprocess_env
 
-from jaxdiff import distributed
-from jaxdiff.distributed import DistributedConfig
+from jaxdiff.parallel import distributed
+from jaxdiff.parallel.distributed import DistributedConfig
 from jaxdiff.errors import JaxdiffError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_a_single_process_run_needs_no_setup():
 
 
 def test_an_unreachable_coordinator_is_one_clear_error():
-    cmd = [sys.executable, "-c", "from jaxdiff import distributed; from jaxdiff.errors import cli_main; "
+    cmd = [sys.executable, "-c", "from jaxdiff.parallel import distributed; from jaxdiff.errors import cli_main; "
            "cli_main(lambda: distributed.initialize(distributed.DistributedConfig("
            f"'127.0.0.1:{free_port()}', 2, 1, timeout_s=2)))()"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=60)

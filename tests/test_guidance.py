@@ -86,7 +86,7 @@ def run_guided(pipe):
 def course_loop(pipe, x_T, *, variant, scale, weights=None, dtype=torch.float32):
     """The course's colour-guided DDIM loop in PyTorch (both variants), with an optional
     per-timestep weight of the guidance (weights[t])."""
-    from jaxdiff.reference import course_color_guided_loop
+    from jaxdiff.testing.reference import course_color_guided_loop
 
     unet, scheduler = pipe["torch_unet"].to(dtype), pipe["torch_scheduler"]
     scheduler.set_timesteps(STEPS)

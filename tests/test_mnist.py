@@ -35,7 +35,7 @@ TINY = ["--model", "tiny", "--batch-size", "16", "--sample-steps", "2", "--per-c
 def test_matches_the_course_pytorch_model_with_the_same_weights(null_class):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    from jaxdiff.reference import course_class_conditioned_unet
+    from jaxdiff.testing.reference import course_class_conditioned_unet
 
     reference = course_class_conditioned_unet(num_classes=10 + int(null_class)).eval()
     with torch.no_grad():  # non-zero everywhere, so every weight matters
@@ -131,7 +131,7 @@ def test_train_prints_one_json_summary_and_writes_checkpoints_and_samples(traine
 
 
 def test_eval_every_logs_sample_grids_and_the_loss(trained_run):
-    from jaxdiff.run_log import read_jsonl
+    from jaxdiff.training.run_log import read_jsonl
 
     out, _ = trained_run
     records = read_jsonl(out / "logs" / "metrics.jsonl")
@@ -331,7 +331,7 @@ def test_bad_input_is_one_clear_error_line_with_exit_code_2(case, trained_run, t
         "sample_damaged_checkpoints": "no usable checkpoint",
     }[case]
     if case == "train_wrong_image_size":
-        from jaxdiff.data import write_idx
+        from jaxdiff.data.mnist import write_idx
 
         write_idx(data / "t10k-images-idx3-ubyte", np.zeros((20, 27, 27), np.uint8))
         write_idx(data / "t10k-labels-idx1-ubyte", np.zeros((20,), np.uint8))
@@ -352,7 +352,7 @@ def test_bad_input_is_one_clear_error_line_with_exit_code_2(case, trained_run, t
 # ------------------------------------------------------------------------------------------------
 
 def test_digit_classifier_reads_digits_after_a_short_training(mnist_dir):
-    from jaxdiff.data import load_idx_folder
+    from jaxdiff.data.mnist import load_idx_folder
     from jaxdiff.eval.digit_classifier import train_classifier
 
     _, holdout_accuracy = train_classifier(load_idx_folder(mnist_dir), steps=120)
@@ -367,7 +367,7 @@ def test_cpu_training_reaches_90_percent_class_accuracy(tmp_path, mnist_dir):
     The defaults (small model, batch 64, min-SNR 5, EMA, label dropout 0.1) for 3000 steps
     (~13 minutes on an idle 2-core CPU), sampled with the defaults (DDIM 40 steps, guidance 3):
     99% measured; the 2000-step README run reads 82%, 1000 steps 43%."""
-    from jaxdiff.data import load_idx_folder
+    from jaxdiff.data.mnist import load_idx_folder
     from jaxdiff.eval.digit_classifier import accuracy, load_or_train
 
     out = tmp_path / "run"

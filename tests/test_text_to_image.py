@@ -24,16 +24,17 @@ import pytest
 from subprocesses import subprocess_env
 
 from jaxdiff import parallel
-from jaxdiff.captions import (CaptionBatches, load_captions, load_imagefolder, pick_caption,
+from jaxdiff.data.captions import (CaptionBatches, load_captions, load_imagefolder, pick_caption,
                               pixel_fetcher, prepare_image)
-from jaxdiff.data import DataPosition
+from jaxdiff.data.batches import DataPosition
 from jaxdiff.errors import JaxdiffError
-from jaxdiff.latent_cache import LatentCache
+from jaxdiff.data.latent_cache import LatentCache
 from jaxdiff.pipelines.stable_diffusion import load_pipeline
-from jaxdiff.run_log import RunLog, read_jsonl
+from jaxdiff.training.run_log import RunLog, read_jsonl
 from jaxdiff.schedulers import create_scheduler
-from jaxdiff.text_to_image import (LossConfig, make_optimizer, min_snr_weights, per_example_draws,
-                                   snr, text_to_image_loss)
+from jaxdiff.training.losses import min_snr_weights, snr
+from jaxdiff.training.optim import make_optimizer
+from jaxdiff.training.text_to_image import LossConfig, per_example_draws, text_to_image_loss
 from jaxdiff.tokenizer import tokenize
 from jaxdiff.training import create_train_state, make_train_step
 

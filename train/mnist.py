@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RUN/logs: TensorBoard when installed (auto), else JSONL (metrics.jsonl + PNGs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the XLA compilation cache")
-    from jaxdiff import distributed
+    from jaxdiff.parallel import distributed
 
     distributed.add_arguments(p)
     return p.parse_args(argv)
@@ -183,15 +183,17 @@ def train(args) -> dict:
     import jax
     import optax
 
-    from jaxdiff import distributed, parallel
+    from jaxdiff import parallel
+    from jaxdiff.parallel import distributed
     from jaxdiff.compile_cache import enable_compilation_cache
-    from jaxdiff.data import BatchIterator, DataPosition, load_mnist
+    from jaxdiff.data.batches import BatchIterator, DataPosition
+    from jaxdiff.data.mnist import load_mnist
     from jaxdiff.images import save_png
     from jaxdiff.pipelines.class_conditioned import CHECKPOINTS, RUN_CONFIG
-    from jaxdiff.preemption import StopRequests
-    from jaxdiff.run_log import RunLog
-    from jaxdiff.train_loop import run_steps
-    from jaxdiff.train_loop import summary as train_summary
+    from jaxdiff.training.preemption import StopRequests
+    from jaxdiff.training.run_log import RunLog
+    from jaxdiff.training.loop import run_steps
+    from jaxdiff.training.loop import summary as train_summary
     from jaxdiff.training import (EMA, Checkpointer, create_train_state, diffusion_loss,
                                   make_train_step, resume_everywhere)
 
@@ -351,7 +353,7 @@ class _GridSampler:
 def main(argv=None) -> None:
     args = parse_args(argv)
     summary = train(args)
-    from jaxdiff import distributed
+    from jaxdiff.parallel import distributed
 
     if distributed.is_main_process():  # one report per run
         print(json.dumps(summary), flush=True)

@@ -38,7 +38,7 @@ import math
 import shutil
 from pathlib import Path
 
-from jaxdiff import distributed
+from jaxdiff.parallel import distributed
 from jaxdiff.errors import JaxdiffError, cli_main
 
 RUN_CONFIG = "train_config.json"  # not config.json: RUN is also a pipeline folder
@@ -275,17 +275,18 @@ def train(args) -> dict:
     import numpy as np
 
     from jaxdiff import parallel
-    from jaxdiff.captions import CaptionBatches, load_captions, pixel_fetcher
+    from jaxdiff.data.captions import CaptionBatches, load_captions, pixel_fetcher
     from jaxdiff.compile_cache import enable_compilation_cache
-    from jaxdiff.data import DataPosition
-    from jaxdiff.latent_cache import LatentCache
+    from jaxdiff.data.batches import DataPosition
+    from jaxdiff.data.latent_cache import LatentCache
     from jaxdiff.pipelines.stable_diffusion import load_pipeline
-    from jaxdiff.preemption import StopRequests
-    from jaxdiff.run_log import RunLog
-    from jaxdiff.text_to_image import LossConfig, make_optimizer, text_to_image_loss
+    from jaxdiff.training.preemption import StopRequests
+    from jaxdiff.training.run_log import RunLog
+    from jaxdiff.training.optim import make_optimizer
+    from jaxdiff.training.text_to_image import LossConfig, text_to_image_loss
     from jaxdiff.tokenizer import tokenize
-    from jaxdiff.train_loop import run_steps
-    from jaxdiff.train_loop import summary as train_summary
+    from jaxdiff.training.loop import run_steps
+    from jaxdiff.training.loop import summary as train_summary
     from jaxdiff.training import EMA, Checkpointer, create_train_state, make_train_step, resume_everywhere
 
     if not args.no_compile_cache:

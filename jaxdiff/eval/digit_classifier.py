@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.data import Dataset, load_mnist
+from jaxdiff.data.mnist import Dataset, load_mnist
 from jaxdiff.errors import JaxdiffError, cli_main
 
 DEFAULT_CACHE = Path.home() / ".cache" / "jaxdiff"

@@ -1,11 +1,5 @@
-"""Training: the state, a pure `train_step(state, batch) -> (state, metrics)`, EMA, the diffusion
-loss, and orbax checkpoints of the whole state.
-
-The state holds everything a resumed run needs besides the data position (which the
-checkpoint's metadata carries): params, optimizer state, step, the PRNG key every step's
-randomness derives from, and an optional exponential moving average of the params.
-Randomness is a function of (state.rng, state.step, example index in the global batch), so a run
-resumed from a checkpoint, or split over any number of devices, draws the same noise.
+"""Orbax checkpoints of a whole `TrainState` plus JSON metadata, written atomically, with
+fingerprints checked on restore; damaged checkpoints skipped; resuming every process of a run.
 """
 from __future__ import annotations
 
@@ -16,168 +10,16 @@ import shutil
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdiff.errors import JaxdiffError
-from jaxdiff.parallel import AXIS, example_keys
+from jaxdiff.training.state import TrainState
 
 PyTree = Any
-Metrics = dict
-LossFn = Callable[[PyTree, Mapping, jax.Array], "tuple[jax.Array, Metrics]"]
 
-
-@flax.struct.dataclass
-class TrainState:
-    """`step` int32 (), `rng` a raw uint32 (2,) PRNG key, `ema_params` None when EMA is off."""
-
-    step: jax.Array
-    params: PyTree
-    opt_state: PyTree
-    rng: jax.Array
-    ema_params: PyTree | None = None
-
-
-def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array, *,
-                       ema: bool = False) -> TrainState:
-    """A fresh state at step 0; with `ema`, the average starts as a copy of `params`."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jnp.asarray(rng, jnp.uint32),
-                      ema_params=jax.tree.map(jnp.array, params) if ema else None)
-
-
-# --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class EMA:
-    """The decay rule of diffusers' `EMAModel`: after `update_after_step`, either
-    ``(1 + s) / (10 + s)`` or, with `use_warmup`, ``1 - (1 + s / inv_gamma) ** -power``,
-    clipped to [`min_decay`, `decay`]."""
-
-    decay: float = 0.9999
-    min_decay: float = 0.0
-    update_after_step: int = 0
-    use_warmup: bool = False
-    inv_gamma: float = 1.0
-    power: float = 2 / 3
-
-    def decay_at(self, optimization_step: jax.Array) -> jax.Array:
-        """Decay for the update made by the `optimization_step`-th step (1-based)."""
-        s = jnp.maximum(0, optimization_step - self.update_after_step - 1).astype(jnp.float32)
-        if self.use_warmup:
-            value = 1.0 - (1.0 + s / self.inv_gamma) ** -self.power
-        else:
-            value = (1.0 + s) / (10.0 + s)
-        value = jnp.clip(value, self.min_decay, self.decay)
-        return jnp.where(s <= 0, 0.0, value)
-
-
-def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
-    return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema_params, params)
-
-
-# --------------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------------
-
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    axis_name: str | None = AXIS, ema: EMA | None = None) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, pure. `loss_fn(params, batch, key)`
-    returns (mean loss over its batch, metrics). Under `pmap` over `axis_name` the gradients,
-    loss and metrics are averaged across devices (`lax.pmean`), so with equal per-device batches
-    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`."""
-    ema = ema or EMA()
-
-    def train_step(state: TrainState, batch: Mapping) -> tuple[TrainState, Metrics]:
-        key = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-        metrics = {**metrics, "loss": loss}
-        if axis_name is not None:
-            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        ema_params = state.ema_params
-        if ema_params is not None:
-            ema_params = ema_update(ema_params, params, ema.decay_at(step))
-        metrics["grad_norm"] = optax.global_norm(grads)
-        new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema_params)
-        return new_state, metrics
-
-    return train_step
-
-
-def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
-    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at integer timesteps t."""
-    a = alphas_cumprod[t].astype(jnp.float32)
-    return a / (1.0 - a)
-
-
-def min_snr_weights(snr_t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Per-example loss weights of min-SNR-γ, as diffusers' training scripts compute them:
-    min(SNR, γ) / SNR for an epsilon target, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0."""
-    w = jnp.minimum(snr_t, gamma)
-    if prediction_type == "epsilon":
-        return w / snr_t
-    if prediction_type == "v_prediction":
-        return w / (snr_t + 1.0)
-    return w
-
-
-def diffusion_loss(apply_fn: Callable, scheduler, scheduler_state, *, cfg_dropout: float = 0.0,
-                   null_label: int | None = None, snr_gamma: float | None = None,
-                   axis_name: str | None = AXIS) -> LossFn:
-    """The denoising loss as `loss_fn(params, batch, key)`.
-
-    `batch["images"]`: uint8 (B, H, W, C) 0..255 or floats in [-1, 1]; `batch["labels"]` int (B,)
-    or absent. Each example gets its own timestep t ~ U{0..T-1} and Gaussian noise from a key
-    made of its index in the global batch; with `cfg_dropout` p its label becomes `null_label`
-    with probability p (classifier-free guidance training). The target (eps, v or x0) is the
-    scheduler's `training_target`; the loss is the mean squared error, weighted per example by
-    min-SNR-γ (Hang et al. 2023) when `snr_gamma` is given.
-    `apply_fn(params, x_t, t, labels)` → model output like `x_t`."""
-    if cfg_dropout > 0 and null_label is None:
-        raise ValueError("cfg_dropout needs a null_label for the dropped conditioning")
-    num_train_timesteps = int(scheduler_state.alphas_cumprod.shape[0])
-
-    def draw(key, shape):
-        k_noise, k_t, k_drop = jax.random.split(key, 3)
-        return (jax.random.normal(k_noise, shape, jnp.float32),
-                jax.random.randint(k_t, (), 0, num_train_timesteps),
-                jax.random.bernoulli(k_drop, cfg_dropout))
-
-    def loss_fn(params, batch, key):
-        images = batch["images"]
-        x0 = (images.astype(jnp.float32) * (2.0 / 255.0) - 1.0) if images.dtype == jnp.uint8 \
-            else images.astype(jnp.float32)
-        keys = example_keys(key, x0.shape[0], axis_name)
-        noise, t, drop = jax.vmap(draw, in_axes=(0, None))(keys, x0.shape[1:])
-        x_t = scheduler.add_noise(scheduler_state, x0, noise, t)
-        target = scheduler.training_target(scheduler_state, x0, noise, t)
-        labels = batch.get("labels")
-        if labels is not None and cfg_dropout > 0:
-            labels = jnp.where(drop, null_label, labels)
-        pred = apply_fn(params, x_t, t, labels)
-        per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
-        if snr_gamma is None:
-            return jnp.mean(per_example), {}
-        weights = min_snr_weights(snr(scheduler_state.alphas_cumprod, t), snr_gamma,
-                                  scheduler.prediction_type)
-        return jnp.mean(per_example * weights), {"mse": jnp.mean(per_example)}
-
-    return loss_fn
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
 
 def fingerprint(tree: PyTree) -> str:
     """CRC32 over every leaf's bytes, in tree order: written beside a checkpoint and checked on
@@ -452,8 +294,8 @@ def resume_everywhere(checkpointer: "Checkpointer | None", template: TrainState,
     skipped with a warning) read by the process that holds `checkpointer` (process 0; the
     others pass None) and sent to every process; `template` and a fresh position when there is
     no checkpoint yet."""
-    from jaxdiff import distributed
-    from jaxdiff.data import DataPosition
+    from jaxdiff.data.batches import DataPosition
+    from jaxdiff.parallel import distributed
 
     found = checkpointer.restore_latest(template) if checkpointer is not None else None
     header = np.zeros(3, np.int64)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxdiff import distributed
+from jaxdiff.parallel import distributed
 
 
 class StopRequests:

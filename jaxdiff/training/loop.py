@@ -51,7 +51,7 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any], *, s
 
     `on_metrics(step, metrics)` gets every step's (device) metrics, one step late;
     `on_checkpoint(state, step)` runs every `checkpoint_every` steps, at the last step and when
-    `stop` (a `jaxdiff.preemption.StopRequests`) asks to stop; `on_eval(state, step)` every
+    `stop` (a `jaxdiff.training.preemption.StopRequests`) asks to stop; `on_eval(state, step)` every
     `eval_every` steps (0: never) before the last. Both see every earlier step's metrics first.
     """
     t0 = time.perf_counter()

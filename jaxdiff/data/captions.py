@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.data import HF_HOST, DataPosition, EpochOrder, can_reach, check_global_batch, hf_offline
+from jaxdiff.data.batches import DataPosition, EpochOrder, check_global_batch
+from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline
 from jaxdiff.errors import JaxdiffError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

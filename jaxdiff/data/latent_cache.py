@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from jaxdiff import distributed
+from jaxdiff.parallel import distributed
 from jaxdiff.errors import JaxdiffError
 
 FORMAT = "jaxdiff-latent-cache-1"
@@ -221,8 +221,8 @@ def _encode_part(tmp: Path, data, pipe, params, resolution, tokenize, dtype, bat
     from tqdm import tqdm
 
     from jaxdiff import parallel
-    from jaxdiff.captions import prepare_image
-    from jaxdiff.text_to_image import encode_pixels, encode_text
+    from jaxdiff.data.captions import prepare_image
+    from jaxdiff.training.text_to_image import encode_pixels, encode_text
 
     n_dev = jax.local_device_count()
     per_call = -(-batch_size // n_dev) * n_dev

@@ -3,7 +3,7 @@
 Data parallelism with `jax.pmap`: the state is replicated on every local device (a leading
 device axis), each global batch is split into one slice per device, and the pmapped function
 averages gradients with `lax.pmean` over `AXIS`. Joining a multi-host run, and which process
-writes, is `jaxdiff.distributed`.
+writes, is `jaxdiff.parallel.distributed`.
 """
 from __future__ import annotations
 

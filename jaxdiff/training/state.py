@@ -1,0 +1,103 @@
+"""The training state and the pure step: `TrainState` (params, optimizer state, EMA, step, PRNG
+key), diffusers' EMA decay rule, and `make_train_step(loss_fn, tx) -> train_step(state, batch)`.
+
+Randomness is a function of (state.rng, state.step, example index in the global batch), so a run
+resumed from a checkpoint, or split over any number of devices, draws the same noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.parallel.pmap import AXIS
+
+PyTree = Any
+Metrics = dict
+LossFn = Callable[[PyTree, Mapping, jax.Array], "tuple[jax.Array, Metrics]"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`step` int32 (), `rng` a raw uint32 (2,) PRNG key, `ema_params` None when EMA is off."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    ema_params: PyTree | None = None
+
+
+def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array, *,
+                       ema: bool = False) -> TrainState:
+    """A fresh state at step 0; with `ema`, the average starts as a copy of `params`."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jnp.asarray(rng, jnp.uint32),
+                      ema_params=jax.tree.map(jnp.array, params) if ema else None)
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EMA:
+    """The decay rule of diffusers' `EMAModel`: after `update_after_step`, either
+    ``(1 + s) / (10 + s)`` or, with `use_warmup`, ``1 - (1 + s / inv_gamma) ** -power``,
+    clipped to [`min_decay`, `decay`]."""
+
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+    def decay_at(self, optimization_step: jax.Array) -> jax.Array:
+        """Decay for the update made by the `optimization_step`-th step (1-based)."""
+        s = jnp.maximum(0, optimization_step - self.update_after_step - 1).astype(jnp.float32)
+        if self.use_warmup:
+            value = 1.0 - (1.0 + s / self.inv_gamma) ** -self.power
+        else:
+            value = (1.0 + s) / (10.0 + s)
+        value = jnp.clip(value, self.min_decay, self.decay)
+        return jnp.where(s <= 0, 0.0, value)
+
+
+def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
+    return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema_params, params)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    axis_name: str | None = AXIS, ema: EMA | None = None) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, pure. `loss_fn(params, batch, key)`
+    returns (mean loss over its batch, metrics). Under `pmap` over `axis_name` the gradients,
+    loss and metrics are averaged across devices (`lax.pmean`), so with equal per-device batches
+    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`."""
+    ema = ema or EMA()
+
+    def train_step(state: TrainState, batch: Mapping) -> tuple[TrainState, Metrics]:
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        metrics = {**metrics, "loss": loss}
+        if axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = ema_update(ema_params, params, ema.decay_at(step))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema_params)
+        return new_state, metrics
+
+    return train_step
