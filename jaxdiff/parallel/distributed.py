@@ -20,18 +20,22 @@ step reduces over every device of every host, and `lax.axis_index` numbers them 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import JaxdiffError, describe_os_error
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's own default: a process silent this long ends the run
+MESSAGE_BYTES = 2048  # the longest error line one process can send the others
 
 PyTree = Any
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class DistributedConfig:
     process_id: Optional[int] = None
     auto: bool = False
     timeout_s: int = DEFAULT_TIMEOUT_S
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
 
     @property
     def multi_process(self) -> bool:
@@ -53,6 +58,8 @@ class DistributedConfig:
     def validate(self) -> None:
         if self.timeout_s < 1:
             raise JaxdiffError(f"--distributed-timeout must be >= 1 second, got {self.timeout_s}")
+        if self.heartbeat_timeout_s < 1:
+            raise JaxdiffError(f"--heartbeat-timeout must be >= 1 second, got {self.heartbeat_timeout_s}")
         if not self.multi_process:
             if self.process_id not in (None, 0):
                 raise JaxdiffError(f"--process-id {self.process_id} needs --coordinator-address and "
@@ -88,6 +95,9 @@ def add_arguments(parser) -> None:
                    help="auto: let JAX detect the cluster (Cloud TPU pod, SLURM, Open MPI, Kubernetes)")
     g.add_argument("--distributed-timeout", type=int, default=DEFAULT_TIMEOUT_S,
                    help="seconds to wait for every process to join")
+    g.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+                   help="seconds without a heartbeat after which JAX ends the whole run when a "
+                        f"process died (default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -110,7 +120,8 @@ def config_from_args(args=None) -> DistributedConfig:
         num_processes=flag("num_processes") if flag("num_processes") is not None else _env_int(ENV_NUM_PROCESSES),
         process_id=flag("process_id") if flag("process_id") is not None else _env_int(ENV_PROCESS_ID),
         auto=flag("distributed") == "auto",
-        timeout_s=flag("distributed_timeout") or DEFAULT_TIMEOUT_S)
+        timeout_s=flag("distributed_timeout") or DEFAULT_TIMEOUT_S,
+        heartbeat_timeout_s=flag("heartbeat_timeout") or DEFAULT_HEARTBEAT_TIMEOUT_S)
 
 
 def _already_initialized() -> bool:
@@ -140,14 +151,14 @@ def initialize(config: DistributedConfig | None = None) -> bool:
             _check_port_free(config.coordinator_address)
         else:
             _wait_for_coordinator(config.coordinator_address, config.timeout_s)
+    options = {"initialization_timeout": config.timeout_s}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        options["heartbeat_timeout_seconds"] = config.heartbeat_timeout_s
+    if not config.auto:
+        options["cluster_detection_method"] = "deactivate"
     try:
-        if config.auto:
-            jax.distributed.initialize(config.coordinator_address, config.num_processes,
-                                       config.process_id, initialization_timeout=config.timeout_s)
-        else:
-            jax.distributed.initialize(config.coordinator_address, config.num_processes,
-                                       config.process_id, cluster_detection_method="deactivate",
-                                       initialization_timeout=config.timeout_s)
+        jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                                   config.process_id, **options)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         where = config.coordinator_address or "the auto-detected coordinator"
@@ -272,6 +283,39 @@ def broadcast_from_main(tree: PyTree) -> PyTree:
     from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def _send_text_from_main(text: str) -> str:
+    """Process 0's `text` (UTF-8, at most MESSAGE_BYTES bytes) on every process."""
+    import numpy as np
+
+    data = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    raw = text.encode()[:MESSAGE_BYTES]
+    data[0] = 1 if raw else 0
+    data[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    data = broadcast_from_main(data)
+    return bytes(data[1:]).rstrip(b"\0").decode(errors="replace") if data[0] else ""
+
+
+def on_main_process(fn: Callable[[], T], what: str) -> Optional[T]:
+    """Run `fn` on the main process only (writing a config, restoring, exporting), then tell
+    every process whether it worked, so a failure there ends every process with the same
+    `JaxdiffError` line instead of leaving the others blocked in the next collective until the
+    heartbeat kills them. Returns `fn()` on the main process, None elsewhere. `what` names the
+    step in the error ("writing the run config")."""
+    result, error = None, ""
+    if is_main_process():
+        try:
+            result = fn()
+        except JaxdiffError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{what} failed: {describe_os_error(e)}"
+    if process_count() > 1:
+        error = _send_text_from_main(error)
+    if error:
+        raise JaxdiffError(error if is_main_process() else f"process 0: {error}")
+    return result
 
 
 def all_equal(value: str, what: str) -> None:
