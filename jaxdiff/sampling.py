@@ -6,7 +6,7 @@ array (int32, or float32 for Euler/LMS), model_output eps / v / x0 as the schedu
 is another.
 
     state = sched.set_timesteps(sched.create_state(), 50)
-    x0 = jax.jit(lambda p, x, k: sample(lambda x, t, c: unet.apply(p, x, t, c), sched, state, x, k))(
+    x0 = jax.jit(lambda p, x, k: sample(as_denoiser(unet, p), sched, state, x, k))(
         params, jax.random.normal(key, (8, 32, 32, 3)), key)
 
 Everything runs inside one scan: no host round-trip per step, one compilation per
@@ -25,6 +25,25 @@ Denoiser = Callable[[jax.Array, jax.Array, Any], jax.Array]
 # guidance(x, t, model_output, state, key) -> (x, model_output)
 Guidance = Callable[[jax.Array, jax.Array, jax.Array, SchedulerState, Optional[jax.Array]],
                     tuple[jax.Array, jax.Array]]
+
+
+def as_apply_fn(module, **apply_kwargs) -> Callable:
+    """A Flax network as `apply(params, x, t, cond=None) -> module.apply({"params": params}, x,
+    t, cond, **apply_kwargs)` (cond left out when None): the params-taking form `make_sampler`,
+    training losses and jitted functions with params as an argument want."""
+
+    def apply(params, x, t, cond=None):
+        args = (x, t) if cond is None else (x, t, cond)
+        return module.apply({"params": params}, *args, **apply_kwargs)
+
+    return apply
+
+
+def as_denoiser(module, params, **apply_kwargs) -> Denoiser:
+    """A Flax network with its params closed over as a denoiser `denoise(x, t, cond=None)`
+    (`as_apply_fn` with `params` bound). Inside `jax.jit`, pass traced params."""
+    apply = as_apply_fn(module, **apply_kwargs)
+    return lambda x, t, cond=None: apply(params, x, t, cond)
 
 
 def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: jax.Array,
