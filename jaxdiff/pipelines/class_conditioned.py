@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models.class_conditioned import ClassConditionedUnet
-from jaxdiff.sampling import cfg, sample
+from jaxdiff.sampling import as_denoiser, cfg, sample
 from jaxdiff.schedulers import Scheduler, create_scheduler
 
 RUN_CONFIG = "config.json"
@@ -57,10 +57,7 @@ def make_generator(model: ClassConditionedUnet, scheduler: Scheduler, num_infere
         labels = jnp.asarray(labels, jnp.int32)
         k_init, k_loop = jax.random.split(key)
         x_T = jax.random.normal(k_init, (labels.shape[0],) + shape, jnp.float32)
-
-        def denoise(x, t, c):
-            return model.apply({"params": params}, x, t, c)
-
+        denoise = as_denoiser(model, params)
         if use_cfg:
             x0 = sample(cfg(denoise, guidance_scale), scheduler, state, x_T, k_loop,
                         (labels, jnp.full_like(labels, model.null_label)))
@@ -74,6 +71,16 @@ def make_generator(model: ClassConditionedUnet, scheduler: Scheduler, num_infere
 # --------------------------------------------------------------------------------------------
 # Run folders written by train.mnist
 # --------------------------------------------------------------------------------------------
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a train.mnist run (its `RUN_CONFIG`, with model and
+    scheduler, rather than a diffusers model config)."""
+    try:
+        config = json.loads((Path(path) / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "scheduler"} <= config.keys() and "_class_name" not in config
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
