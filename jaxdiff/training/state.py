@@ -68,6 +68,11 @@ class EMA:
         return jnp.where(s <= 0, 0.0, value)
 
 
+def keep_unless(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """`new` where the scalar `ok` is true, else `old` (leaf by leaf, inside a compiled step)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
     return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema_params, params)
 
@@ -81,7 +86,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     """`train_step(state, batch) -> (state, metrics)`, pure. `loss_fn(params, batch, key)`
     returns (mean loss over its batch, metrics). Under `pmap` over `axis_name` the gradients,
     loss and metrics are averaged across devices (`lax.pmean`), so with equal per-device batches
-    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`."""
+    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`.
+
+    A step whose loss, gradient norm or update is not finite changes neither the params, the
+    optimizer state nor the EMA (the step counter still advances, so the next step draws new
+    noise); `metrics["nonfinite"]` is 1.0 for such a step, else 0.0."""
     ema = ema or EMA()
 
     def train_step(state: TrainState, batch: Mapping) -> tuple[TrainState, Metrics]:
@@ -91,12 +100,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & \
+            jnp.isfinite(optax.global_norm(updates))
+        params = keep_unless(finite, optax.apply_updates(state.params, updates), state.params)
+        opt_state = keep_unless(finite, opt_state, state.opt_state)
         step = state.step + 1
         ema_params = state.ema_params
         if ema_params is not None:
-            ema_params = ema_update(ema_params, params, ema.decay_at(step))
-        metrics["grad_norm"] = optax.global_norm(grads)
+            ema_params = keep_unless(finite, ema_update(ema_params, params, ema.decay_at(step)), ema_params)
+        metrics["grad_norm"] = grad_norm
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 
