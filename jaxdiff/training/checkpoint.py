@@ -293,11 +293,13 @@ def resume_everywhere(checkpointer: "Checkpointer | None", template: TrainState,
     """(state, data position) to resume a run from: the newest good checkpoint (damaged ones
     skipped with a warning) read by the process that holds `checkpointer` (process 0; the
     others pass None) and sent to every process; `template` and a fresh position when there is
-    no checkpoint yet."""
+    no checkpoint yet. When process 0 cannot restore, every process raises its error."""
     from jaxdiff.data.batches import DataPosition
     from jaxdiff.parallel import distributed
 
-    found = checkpointer.restore_latest(template) if checkpointer is not None else None
+    found = distributed.on_main_process(
+        lambda: checkpointer.restore_latest(template) if checkpointer is not None else None,
+        f"restoring the newest checkpoint in {directory}")
     header = np.zeros(3, np.int64)
     if found is not None:
         state, meta = found
