@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import struct
 import sys
+import zlib
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline
+from jaxdiff.data.hub import HF_HOST, can_reach, check_datasets_version, hf_offline, load_dataset
 from jaxdiff.errors import JaxdiffError
 
 # IDX file stems by split, as LeCun's site and torchvision name them.
@@ -52,29 +54,75 @@ class Dataset:
 # IDX files
 # --------------------------------------------------------------------------------------------
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (gzipped or raw) as a numpy array of its declared shape (uint8 data only)."""
+# IDX files jaxdiff reads hold at most this many data bytes unless `max_bytes` says otherwise:
+# 4× the largest IDX data set in use (EMNIST ByClass training images, 0.55 GB).
+MAX_IDX_BYTES = 1 << 31
+# Deflate never expands more than 1032:1, so a gzip file of n bytes holds < 1032·n bytes: a
+# header declaring more is lying, and is refused before anything is decompressed.
+GZIP_MAX_RATIO = 1032
+_CHUNK = 1 << 22
+
+
+def _read_exactly(f, out: np.ndarray) -> int:
+    """Fill the uint8 array `out` from the stream `f`; the number of bytes it got."""
+    view, got = memoryview(out).cast("B"), 0
+    while got < len(view):
+        n = f.readinto(view[got:got + _CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """An IDX file (gzipped or raw) as a numpy array of its declared shape (uint8 data only).
+
+    Only the declared bytes are read (plus one, to catch trailing data), so a gzip bomb is
+    never decompressed whole; a declared size above `max_bytes`, or above what the file can
+    hold (its size raw, 1032× its size gzipped), is refused before reading."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    gz = path.suffix == ".gz"
+    redownload = "re-download the MNIST files"
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise JaxdiffError(f"{path} cannot be read ({e}); re-download the MNIST files") from None
-    if len(data) < 4 or data[:2] != b"\0\0":
-        raise JaxdiffError(f"{path} is not an IDX file (bad magic number); re-download the MNIST files")
-    type_code, ndim = data[2], data[3]
-    if type_code != 0x08:
-        raise JaxdiffError(f"{path}: IDX element type 0x{type_code:02x} is not supported (expected uint8)")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise JaxdiffError(f"{path} is truncated; re-download the MNIST files")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(shape))
-    if len(data) != header + count:
-        raise JaxdiffError(f"{path} holds {len(data) - header} bytes of data, expected {count} for "
-                           f"shape {shape}; the file is truncated or corrupt")
-    return np.frombuffer(data, np.uint8, count, header).reshape(shape)
+        file_size = path.stat().st_size
+        with (gzip.open if gz else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0":
+                raise JaxdiffError(f"{path} is not an IDX file (bad magic number); {redownload}")
+            type_code, ndim = head[2], head[3]
+            if type_code != 0x08:
+                raise JaxdiffError(f"{path}: IDX element type 0x{type_code:02x} is not supported "
+                                   "(expected uint8)")
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise JaxdiffError(f"{path} is truncated; {redownload}")
+            shape = struct.unpack(f">{ndim}I", dims)
+            count = math.prod(shape)  # Python ints: no overflow however large the declared shape
+            header = 4 + 4 * ndim
+            if count > max_bytes:
+                raise JaxdiffError(f"{path} declares shape {shape} = {count:,} bytes, more than the "
+                                   f"{max_bytes:,} an IDX file may hold here (max_bytes); the header is "
+                                   f"corrupt or hostile: {redownload}")
+            if gz and count > GZIP_MAX_RATIO * file_size:
+                raise JaxdiffError(f"{path} declares shape {shape} = {count:,} bytes, more than a "
+                                   f"{file_size:,}-byte gzip file can hold; the header is corrupt: "
+                                   f"{redownload}")
+            if not gz and file_size != header + count:
+                raise JaxdiffError(f"{path} holds {file_size - header:,} bytes of data, expected "
+                                   f"{count:,} for shape {shape}; the file is "
+                                   f"{'truncated' if file_size < header + count else 'corrupt'}: "
+                                   f"{redownload}")
+            array = np.empty(count, np.uint8)
+            got = _read_exactly(f, array)
+            if got < count:
+                raise JaxdiffError(f"{path} holds {got:,} bytes of data, expected {count:,} for shape "
+                                   f"{shape}; the file is truncated: {redownload}")
+            if f.read(1):
+                raise JaxdiffError(f"{path} holds more than the {count:,} bytes of data its shape "
+                                   f"{shape} declares; the file is corrupt: {redownload}")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise JaxdiffError(f"{path} cannot be read ({e}); {redownload}") from None
+    return array.reshape(shape)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -144,14 +192,17 @@ def load_hf(split: str = "train", timeout: float = 3.0) -> Dataset | None:
     """MNIST through Hugging Face `datasets` (from its cache when offline), or None when
     `datasets` is not installed, the network is unreachable or the download fails."""
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
+        return None
+    try:
+        check_datasets_version(datasets)
+    except JaxdiffError as e:
+        print(f"{e}; using the embedded MNIST copy", file=sys.stderr)
         return None
     if not hf_offline() and not can_reach(HF_HOST, timeout):
         return None
     try:
-        from datasets import load_dataset
-
         ds = load_dataset(HF_DATASET, split=split)
         images = np.stack([np.asarray(im, np.uint8) for im in ds["image"]])[..., None]
         labels = np.asarray(ds["label"], np.int32)
