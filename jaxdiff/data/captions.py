@@ -10,6 +10,11 @@ batches whose position is saved with the checkpoint; each host reads only its ro
 
 An example may have several captions (a JSON list in the caption column); each epoch picks one
 of them as a function of (seed, epoch, example), so a resumed run picks the same ones.
+
+Guards: an imagefolder's files must resolve (symlinks followed) inside the folder unless
+`allow_outside_paths=True`; an image over `max_image_pixels` is refused from its header, before
+it is decoded; an unreadable image is skipped (`on_bad_image="skip"`, replaced by another image
+of its batch, see `PixelFetcher`) or stops the run (`"error"`).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import csv
 import json
 import os
 import re
+import struct
 import sys
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -27,13 +34,18 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from jaxdiff.data.batches import DataPosition, EpochOrder, check_global_batch
-from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline
+from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline, load_dataset
 from jaxdiff.errors import JaxdiffError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 IMAGE_COLUMNS = ("image", "img", "file_name")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# PIL's own default limit (Image.MAX_IMAGE_PIXELS): a 9459² image, 268 MB decoded as RGB — far
+# above any source a ≤1024-pixel training resolution needs; a larger file is refused unread.
+MAX_IMAGE_PIXELS = 89_478_485
+ON_BAD_IMAGE = "skip"  # what a training run does with an unreadable image by default
+ON_BAD_IMAGE_CHOICES = ("skip", "error")
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,20 +135,82 @@ def _read_metadata(path: Path) -> tuple[list[str], list[dict]]:
     return list(reader.fieldnames or []), rows
 
 
-def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+class BadImageError(JaxdiffError):
+    """An image that cannot be decoded or is over the pixel limit (what `on_bad_image` governs)."""
 
+
+_PIL_LIMIT = threading.Lock()
+
+
+def allow_in_pil(max_image_pixels: int) -> None:
+    """Raise PIL's process-wide `Image.MAX_IMAGE_PIXELS` to at least `max_image_pixels` (never
+    lower it), so PIL itself neither warns about nor refuses images the caller allowed; jaxdiff
+    checks every image against its own limit. Called by the loaders, before any image is read."""
+    from PIL import Image
+
+    with _PIL_LIMIT:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_image_pixels:
+            Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def check_max_image_pixels(max_image_pixels) -> int:
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, (int, np.integer)) \
+            or max_image_pixels <= 0:
+        raise JaxdiffError(f"max_image_pixels must be a positive whole number of pixels, got "
+                           f"{max_image_pixels!r}")
+    return int(max_image_pixels)
+
+
+def check_image_size(size: tuple[int, int], name, max_image_pixels: int) -> None:
+    """BadImageError when a (width, height) is over `max_image_pixels` (read from the header)."""
+    w, h = size
+    if w * h > max_image_pixels:
+        raise BadImageError(f"image {name} is {w}x{h} = {w * h:,} pixels, more than the limit of "
+                            f"{max_image_pixels:,} (a decompression bomb, or a needlessly large image); "
+                            "shrink or remove it, or raise --max-image-pixels")
+
+
+def open_image(path: str | os.PathLike, max_image_pixels: int = MAX_IMAGE_PIXELS, *, name=None):
+    """A PIL image, fully read; its size is checked from the header before decoding. Any
+    failure is one BadImageError naming `name` (default `path`) and the fix."""
+    from PIL import Image
+
+    name = path if name is None else name
     try:
         with Image.open(path) as im:
+            check_image_size(im.size, name, max_image_pixels)
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise JaxdiffError(f"image {path} cannot be read ({e}); fix or remove it from the metadata") from None
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"image {name} is refused as a decompression bomb ({e}); shrink or remove "
+                            "it, or raise --max-image-pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        # OSError covers PIL's UnidentifiedImageError and truncated files
+        raise BadImageError(f"image {name} cannot be read ({e}); fix or remove it from the metadata") from None
 
 
-def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str] = None) -> CaptionDataset:
+def _inside(path: str, real_root: str) -> bool:
+    return os.path.commonpath([path, real_root]) == real_root
+
+
+def _outside_error(where: str, what: str, real: str, root: Path) -> JaxdiffError:
+    return JaxdiffError(f"{where}: {what} resolves to {real}, outside the data folder {root}; move it "
+                        "into the folder, or pass --allow-outside-paths (allow_outside_paths=True) "
+                        "to read it anyway")
+
+
+def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str] = None,
+                     allow_outside_paths: bool = False,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> CaptionDataset:
     """An imagefolder: every `metadata.jsonl` / `metadata.csv` under `folder` (file names are
-    relative to the metadata file's own folder), in path order, rows in file order."""
+    relative to the metadata file's own folder), in path order, rows in file order.
+
+    Every metadata file and image must resolve (symlinks followed) inside `folder`; a
+    `../x.png`, an absolute path or a link leading out is refused unless `allow_outside_paths`.
+    `data.image(i)` raises BadImageError for an image over `max_image_pixels` or unreadable."""
+    max_image_pixels = check_max_image_pixels(max_image_pixels)
     root = Path(folder).expanduser()
     if not root.exists():
         raise JaxdiffError(f"training data {root} does not exist")
@@ -151,8 +225,11 @@ def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str]
     for d, n in by_dir.items():
         if n > 1:
             raise JaxdiffError(f"{d} has both metadata.jsonl and metadata.csv; keep one")
-    paths, captions, crc, crc_times = [], [], 0, 0
+    real_root = os.path.realpath(root)
+    paths, reals, captions, crc, crc_times = [], [], [], 0, 0
     for meta in metas:
+        if not allow_outside_paths and not _inside(os.path.realpath(meta), real_root):
+            raise _outside_error(str(meta), "this metadata file", os.path.realpath(meta), root)
         columns, rows = _read_metadata(meta)
         if not rows:
             continue
@@ -169,26 +246,41 @@ def load_imagefolder(folder: str | os.PathLike, *, caption_column: Optional[str]
                 stat = path.stat()
             except OSError:
                 raise JaxdiffError(f"{where}: image {path} does not exist") from None
+            real = os.path.realpath(path)
+            if not allow_outside_paths and not _inside(real, real_root):
+                raise _outside_error(where, f"file_name {name!r}", real, root)
             caps = _caption_value(row.get(col), where)
             paths.append(path)
+            reals.append(real)
             captions.append(caps)
             rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
             crc = zlib.crc32(json.dumps([rel, stat.st_size, caps]).encode(), crc)
             crc_times = zlib.crc32(str(stat.st_mtime_ns).encode(), crc_times)
     if not paths:
         raise JaxdiffError(f"the metadata files in {root} list no images")
-    return CaptionDataset(captions, lambda i: _open_image(paths[i]), f"image folder {root}",
+    allow_in_pil(max_image_pixels)
+    opened = paths if allow_outside_paths else reals  # a link swapped later cannot lead out
+
+    def load(i: int):
+        return open_image(opened[i], max_image_pixels, name=paths[i])
+
+    return CaptionDataset(captions, load, f"image folder {root}",
                           f"{len(paths)}-{crc:08x}", names=[str(p) for p in paths],
                           local_fingerprint=f"{len(paths)}-{crc:08x}-{crc_times:08x}")
 
 
 def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional[str] = None,
-                    image_column: Optional[str] = None, timeout: float = 3.0) -> CaptionDataset:
+                    image_column: Optional[str] = None, timeout: float = 3.0,
+                    allow_outside_paths: bool = False,
+                    max_image_pixels: int = MAX_IMAGE_PIXELS) -> CaptionDataset:
     """A Hugging Face `datasets` dataset with an image column and a caption column. Offline
     (no route to the Hub within `timeout` seconds, or HF_DATASETS_OFFLINE=1) only the local
-    cache is tried, so this never hangs."""
+    cache is tried, so this never hangs. The dataset's own loading script is never run
+    (`trust_remote_code=False`). An image column of file paths (which the dataset, not the
+    user, chose on this disk) is refused unless `allow_outside_paths`."""
+    max_image_pixels = check_max_image_pixels(max_image_pixels)
     try:
-        import datasets
+        import datasets  # noqa: F401
     except ImportError:
         raise JaxdiffError(f"training data {name!r}: no such folder, and loading it as a Hugging "
                            "Face Hub dataset needs the datasets package (pip install datasets)") from None
@@ -197,7 +289,9 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
     try:
         if offline:
             os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-        ds = datasets.load_dataset(name, split=split)
+        ds = load_dataset(name, split=split)
+    except JaxdiffError:
+        raise
     except Exception as e:  # network, cache and format errors: one line for the user
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
@@ -213,29 +307,50 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", where)
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", where)
     captions = [_caption_value(c, f"{where} row {i}") for i, c in enumerate(ds[cap_col])]
+    feature = getattr(ds, "features", {}).get(image_col)
+    if getattr(feature, "dtype", None) == "string" and not allow_outside_paths:
+        raise _paths_refused(where, image_col)
     images = ds.select_columns([image_col])
+    allow_in_pil(max_image_pixels)
 
     def load(i):
-        im = images[i][image_col]
+        try:
+            im = images[i][image_col]
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+            if isinstance(e, JaxdiffError):
+                raise
+            raise BadImageError(f"{where} row {i}: the image cannot be read ({e})") from None
         if isinstance(im, str):
-            return _open_image(Path(im))
+            if not allow_outside_paths:
+                raise _paths_refused(where, image_col)
+            return open_image(Path(im), max_image_pixels, name=f"{im} ({where} row {i})")
+        check_image_size(im.size, f"{where} row {i}", max_image_pixels)
         return im
 
     fp = getattr(ds, "_fingerprint", None) or f"{zlib.crc32(json.dumps(captions).encode()):08x}"
     return CaptionDataset(captions, load, f"Hugging Face dataset {name} ({split})", f"{len(ds)}-{fp}")
 
 
+def _paths_refused(where: str, column: str) -> JaxdiffError:
+    return JaxdiffError(f"{where}: its image column {column!r} holds file paths, which would be read "
+                        "from anywhere on this machine; pass --allow-outside-paths "
+                        "(allow_outside_paths=True) if you trust them, or use a dataset of images")
+
+
 def load_captions(train_data: str | os.PathLike, *, split: str = "train",
                   caption_column: Optional[str] = None, image_column: Optional[str] = None,
-                  verbose: bool = True) -> CaptionDataset:
+                  verbose: bool = True, allow_outside_paths: bool = False,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> CaptionDataset:
     """A folder → `load_imagefolder`; anything else that looks like a Hub name (`user/name`)
-    → `load_hf_dataset`. Prints one line naming what was loaded."""
+    → `load_hf_dataset`. Prints one line naming what was loaded. `allow_outside_paths` and
+    `max_image_pixels`: see `load_imagefolder`."""
     path = Path(train_data).expanduser()
+    guards = dict(allow_outside_paths=allow_outside_paths, max_image_pixels=max_image_pixels)
     if path.exists() or not HUB_ID.fullmatch(str(train_data)):
-        data = load_imagefolder(path, caption_column=caption_column)
+        data = load_imagefolder(path, caption_column=caption_column, **guards)
     else:
         data = load_hf_dataset(str(train_data), split=split, caption_column=caption_column,
-                               image_column=image_column)
+                               image_column=image_column, **guards)
     if verbose:
         n_caps = sum(len(c) for c in data.captions)
         print(f"data: {data.source}, {len(data)} images, {n_caps} captions", file=sys.stderr)
@@ -282,7 +397,11 @@ class CaptionBatches(EpochOrder):
     `fetch(indices, caption_ids) -> dict` builds the arrays of a batch from example indices
     and the caption (an index into `data.caption_strings`) chosen for each; `pixel_fetcher`
     makes the usual one. Batches are prepared ahead on `workers` threads; `position` is
-    where the batch after the last one returned starts — save it, pass it back to resume."""
+    where the batch after the last one returned starts — save it, pass it back to resume.
+
+    A fetch that replaces an unreadable example says so in its `index` (the examples actually
+    used); `skipped_images` counts the replaced examples of the batches this process has
+    handed out (not those prepared ahead), so it is the same however far ahead it reads."""
 
     def __init__(self, data: CaptionDataset, global_batch_size: int, fetch: Callable[..., dict], *,
                  seed: int = 0, position: DataPosition = DataPosition(), process_index: int = 0,
@@ -300,6 +419,7 @@ class CaptionBatches(EpochOrder):
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if workers else None
         self._queue: collections.deque = collections.deque()
         self._prefetch = max(0, prefetch)
+        self.skipped_images = 0
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray, DataPosition]:
         """The next local batch's example and caption indices, and the position after it."""
@@ -321,7 +441,7 @@ class CaptionBatches(EpochOrder):
             fut.set_result(self.fetch(ids, caps))
         else:
             fut = self._pool.submit(self.fetch, ids, caps)
-        self._queue.append((fut, pos))
+        self._queue.append((fut, pos, ids))
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -329,33 +449,91 @@ class CaptionBatches(EpochOrder):
     def __next__(self) -> dict:
         while len(self._queue) < 1 + self._prefetch:
             self._submit()
-        fut, pos = self._queue.popleft()
+        fut, pos, ids = self._queue.popleft()
         batch = fut.result()
+        if "index" in batch:
+            self.skipped_images += int(np.count_nonzero(np.asarray(batch["index"]) != ids))
         self.position = pos
         return batch
 
     def close(self) -> None:
         if self._pool is not None:
-            for fut, _ in self._queue:
+            for fut, _, _ in self._queue:
                 fut.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self._queue.clear()
 
 
-def pixel_fetcher(data: CaptionDataset, resolution: int, tokenize: Callable[[list[str]], np.ndarray],
-                  workers: int = 4) -> Callable[[np.ndarray, np.ndarray], dict]:
+def check_on_bad_image(on_bad_image: str) -> str:
+    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
+        raise JaxdiffError(f"unknown on_bad_image {on_bad_image!r}; choose one of: "
+                           f"{', '.join(ON_BAD_IMAGE_CHOICES)}")
+    return on_bad_image
+
+
+class PixelFetcher:
     """`fetch` for `CaptionBatches` that loads and prepares the images (on `workers` threads)
     and tokenizes the chosen captions: ``{"pixels": uint8 (b, R, R, 3), "input_ids": int32
-    (b, L), "index": int64 (b,)}``."""
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+    (b, L), "index": int64 (b,)}``.
 
-    def one(i):
-        return prepare_image(data.image(int(i)), resolution)
+    An image that raises BadImageError (unreadable, or over the pixel limit) stops the run with
+    that error when `on_bad_image="error"`. With `"skip"` it is replaced by the next readable
+    example of the same batch, cyclically in batch order — its pixels, caption and `index` —
+    so a batch is a function of (ids, the files) alone and resumes identically; a warning names
+    each bad image once, `bad_images` maps its name to the reason, and a batch with no readable
+    image at all is an error."""
 
-    def fetch(ids: np.ndarray, caption_ids: np.ndarray) -> dict:
-        pixels = np.stack(list(pool.map(one, ids)))
-        input_ids = tokenize([data.caption_strings[c] for c in caption_ids])
-        return {"pixels": pixels, "input_ids": np.asarray(input_ids, np.int32), "index": ids}
+    def __init__(self, data: CaptionDataset, resolution: int, tokenize: Callable[[list[str]], np.ndarray],
+                 workers: int = 4, on_bad_image: str = ON_BAD_IMAGE):
+        self.data = data
+        self.resolution = resolution
+        self.tokenize = tokenize
+        self.on_bad_image = check_on_bad_image(on_bad_image)
+        self.bad_images: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
 
-    return fetch
+    def _one(self, i):
+        try:
+            return prepare_image(self.data.image(int(i)), self.resolution)
+        except BadImageError as e:
+            if self.on_bad_image == "error":
+                raise
+            return e
+
+    def _note(self, i: int, error: BadImageError) -> None:
+        name = self.data.names[i]
+        with self._lock:
+            if name in self.bad_images:
+                return
+            self.bad_images[name] = str(error)
+        print(f"warning: {error} [skipped: replaced by another image of its batch; "
+              "--on-bad-image error stops instead]", file=sys.stderr)
+
+    def __call__(self, ids: np.ndarray, caption_ids: np.ndarray) -> dict:
+        ids = np.asarray(ids, np.int64)
+        caption_ids = np.asarray(caption_ids, np.int64)
+        images = list(self._pool.map(self._one, ids))
+        good = [j for j, im in enumerate(images) if not isinstance(im, BaseException)]
+        if len(good) < len(images):
+            for j, im in enumerate(images):
+                if isinstance(im, BaseException):
+                    self._note(int(ids[j]), im)
+            if not good:
+                raise BadImageError(f"no image of a batch of {len(ids)} could be read (e.g. "
+                                    f"{images[0]}); check the training images")
+            ids, caption_ids = ids.copy(), caption_ids.copy()
+            for j, im in enumerate(images):
+                if isinstance(im, BaseException):
+                    k = next(k % len(images) for k in range(j + 1, j + len(images))
+                             if not isinstance(images[k % len(images)], BaseException))
+                    images[j], ids[j], caption_ids[j] = images[k], ids[k], caption_ids[k]
+        input_ids = self.tokenize([self.data.caption_strings[c] for c in caption_ids])
+        return {"pixels": np.stack(images), "input_ids": np.asarray(input_ids, np.int32), "index": ids}
+
+
+def pixel_fetcher(data: CaptionDataset, resolution: int, tokenize: Callable[[list[str]], np.ndarray],
+                  workers: int = 4, on_bad_image: str = ON_BAD_IMAGE) -> PixelFetcher:
+    """The usual `fetch` for `CaptionBatches`: see `PixelFetcher`."""
+    return PixelFetcher(data, resolution, tokenize, workers=workers, on_bad_image=on_bad_image)
