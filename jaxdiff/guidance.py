@@ -14,7 +14,7 @@ Two variants, as in the course:
   backward pass of the network.
 
 Both return a hook for `jaxdiff.sampling.sample(..., guidance=hook)`; `guided_sample` wires one
-up. `guidance_scale` and the per-timestep weights `schedule` (`guidance_schedule`) are traced:
+up, `guided_generator` compiles a whole guided loop for a Flax network. `guidance_scale` and the per-timestep weights `schedule` (`guidance_schedule`) are traced:
 pass them as arguments of the jitted function and changing them does not recompile.
 
 Losses are functions `loss(x0, key) -> (B,)` (or a scalar): x0 is (B, H, W, C) in the model's
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import JaxdiffError, unknown_choice
-from jaxdiff.sampling import Denoiser, Guidance, sample
+from jaxdiff.sampling import Denoiser, Guidance, as_denoiser, sample
 from jaxdiff.schedulers.base import Scheduler, SchedulerState
 
 Loss = Callable[[jax.Array, Optional[jax.Array]], jax.Array]
@@ -139,6 +139,26 @@ def guided_sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState
     else:
         raise unknown_choice("guidance variant", variant, VARIANTS)
     return sample(denoise, scheduler, state, x_T, key, cond, guidance=hook, **sample_kwargs)
+
+
+def guided_generator(module, scheduler: Scheduler, num_inference_steps: int,
+                     make_loss: Callable[[Any], Loss], *, variant: str = "shortcut") -> Callable:
+    """A jitted `generate(params, x_T, key, cond, loss_args, guidance_scale, schedule) -> x0`
+    for the network `module` (run as `as_denoiser(module, params)`) guided by the loss
+    `make_loss(loss_args)`: x_T (B, H, W, C) unit noise, x0 of that shape in the model's range,
+    schedule (num_train_timesteps,) from `guidance_schedule`. Every argument is traced, so new
+    weights, noise, labels, colours, prompts, scales or schedules reuse the compiled program."""
+    if variant not in VARIANTS:
+        raise unknown_choice("guidance variant", variant, VARIANTS)
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps)
+
+    @jax.jit
+    def generate(params, x_T, key, cond, loss_args, guidance_scale, schedule):
+        return guided_sample(as_denoiser(module, params), scheduler, state, x_T, key, cond,
+                             loss=make_loss(loss_args), guidance_scale=guidance_scale,
+                             schedule=schedule, variant=variant)
+
+    return generate
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,18 +17,16 @@ ViT state dict (`*.safetensors`, or a folder with `open_clip_model.safetensors`;
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from jaxdiff.errors import JaxdiffError, cli_main
-from sample.color_guidance import add_common_args, check_common, guided_generator, load_model, run_generation
+from jaxdiff.cli import at_least, cli_main, print_report, program_parser
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.pipelines.unet_2d import add_guidance_flags, check_guidance_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sample.clip_guidance", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, steps=50, scale=8.0, schedule="sqrt_alpha_bar")
+    p = program_parser("python -m sample.clip_guidance", __doc__)
+    add_guidance_flags(p, steps=50, scale=8.0, schedule="sqrt_alpha_bar")
     p.add_argument("--clip-dir", required=True,
                    help="transformers CLIPModel folder, or an open_clip ViT *.safetensors (or its folder)")
     p.add_argument("--tokenizer-dir", default=None,
@@ -58,24 +56,10 @@ def load_clip_and_tokenizer(clip_dir: str, tokenizer_dir: str | None):
     return module, params, tokenizer
 
 
-def run(args) -> dict:
-    check_common(args)
-    if args.n_cuts < 1:
-        raise JaxdiffError(f"--n-cuts must be >= 1, got {args.n_cuts}")
-    import jax
-    import jax.numpy as jnp
+def clip_loss_maker(args, clip):
+    """`make_loss((clip params, prompt embeddings, weights))` for `--n-cuts` cutouts at CLIP's size."""
+    from jaxdiff.guidance import make_clip_loss
 
-    from jaxdiff.guidance import encode_prompts, make_clip_loss, parse_prompts
-    from jaxdiff.tokenizer import tokenize
-
-    texts, weights = parse_prompts(args.prompt)
-    apply, params, scheduler, shape, cond = load_model(args.model_dir, args.scheduler, args.batch_size,
-                                                       args.class_label)
-    if shape[-1] != 3:
-        raise JaxdiffError(f"CLIP guidance needs an RGB model; {args.model_dir} makes {shape[-1]}-channel images")
-    clip, clip_params, tokenizer = load_clip_and_tokenizer(args.clip_dir, args.tokenizer_dir)
-    ids = tokenize(tokenizer, texts, max_length=clip.config.text_config.max_position_embeddings)
-    text_embeds = jax.jit(encode_prompts, static_argnums=0)(clip, clip_params, ids)
     size = clip.config.vision_config.image_size
     size = size if isinstance(size, int) else size[0]
 
@@ -84,18 +68,40 @@ def run(args) -> dict:
         features = lambda im: clip.apply({"params": p}, im, method=clip.get_image_features)  # noqa: E731
         return make_clip_loss(features, embeds, w, n_cuts=args.n_cuts, size=size)
 
-    state, build = guided_generator(apply, scheduler, args.steps, args.variant)
+    return make_loss
+
+
+def run(args) -> dict:
+    check_guidance_flags(args)
+    at_least(args, 1, "n_cuts")
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.guidance import encode_prompts, parse_prompts
+    from jaxdiff.pipelines.unet_2d import load_denoiser, run_guided
+    from jaxdiff.tokenizer import tokenize
+
+    texts, weights = parse_prompts(args.prompt)
+    model = load_denoiser(args.model_dir, args.scheduler)
+    cond = model.labels(args.batch_size, args.class_label)
+    if model.sample_shape[-1] != 3:
+        raise JaxdiffError(f"CLIP guidance needs an RGB model; {args.model_dir} makes "
+                           f"{model.sample_shape[-1]}-channel images")
+    clip, clip_params, tokenizer = load_clip_and_tokenizer(args.clip_dir, args.tokenizer_dir)
+    ids = tokenize(tokenizer, texts, max_length=clip.config.text_config.max_position_embeddings)
+    text_embeds = jax.jit(encode_prompts, static_argnums=0)(clip, clip_params, ids)
+    make_loss = clip_loss_maker(args, clip)
     loss_args = (clip_params, text_embeds, jnp.asarray(weights))
     plain = make_loss(loss_args)
-    result = run_generation(args, build(make_loss), params, state, shape, cond, loss_args,
-                            lambda x0: plain(x0, jax.random.PRNGKey(args.seed + 1)))
+    result = run_guided(args, model, cond, make_loss, loss_args,
+                        lambda x0: plain(x0, jax.random.PRNGKey(args.seed + 1)))
     result["prompts"] = [{"text": t, "weight": round(float(w), 4)} for t, w in zip(texts, weights)]
     return result
 
 
 @cli_main
 def main(argv=None) -> None:
-    print(json.dumps(run(parse_args(argv))), flush=True)
+    print_report(run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ sampling time (compilation excluded).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-from jaxdiff.errors import JaxdiffError, cli_main
+from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, compile_timed, enable_compile_cache,
+                         finite_float, png_path, print_report, program_parser, run_timed)
 from jaxdiff.pipelines.class_conditioned import DEFAULT_GUIDANCE
 
 DEFAULT_STEPS = {"ddpm": 1000, "dpm++": 20}  # every other sampler: DEFAULT_FAST_STEPS
@@ -25,15 +24,13 @@ DEFAULT_FAST_STEPS = 40
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sample.mnist", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("python -m sample.mnist", __doc__)
     p.add_argument("--run", required=True, help="run folder written by train.mnist (--out there)")
     p.add_argument("--out", required=True, help="PNG file for the grid")
     p.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, dpm++, pndm, euler, ...")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampler steps (default 1000 for ddpm, 20 for dpm++, {DEFAULT_FAST_STEPS} otherwise)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
                    help=f"classifier-free guidance w (default {DEFAULT_GUIDANCE} when the run was trained "
                         "with --cfg-dropout, else 1 = plain conditional sampling)")
     p.add_argument("--per-class", type=int, default=8, help="samples of each digit (default 8)")
@@ -43,62 +40,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="use the EMA weights")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
     p.add_argument("--scale", type=int, default=2, help="enlarge the PNG this many times (default 2)")
-    p.add_argument("--no-compile-cache", action="store_true")
+    add_compile_cache_flags(p)
     return p.parse_args(argv)
 
 
+def save_array(path: str, images, labels) -> str:
+    """`images` float32 and `labels` in one .npz."""
+    import numpy as np
+
+    array_path = Path(path)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(array_path, images=images.astype(np.float32), labels=labels)
+    return str(array_path)
+
+
 def run(args) -> dict:
-    if args.steps is not None and args.steps < 1:
-        raise JaxdiffError(f"--steps must be >= 1, got {args.steps}")
-    if args.per_class < 1:
-        raise JaxdiffError(f"--per-class must be >= 1, got {args.per_class}")
-    if args.scale < 1:
-        raise JaxdiffError(f"--scale must be >= 1, got {args.scale}")
-    if not str(args.out).lower().endswith(".png"):
-        raise JaxdiffError(f"--out {args.out} must name a .png file")
+    at_least(args, 1, "steps", "per_class", "scale")
+    png_path(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff.compile_cache import enable_compilation_cache
     from jaxdiff.images import save_grid
     from jaxdiff.pipelines.class_conditioned import (class_labels, default_guidance, load_run,
                                                      make_generator)
     from jaxdiff.schedulers import scheduler_class
 
-    if not args.no_compile_cache:
-        enable_compilation_cache()
+    enable_compile_cache(args)
     name = scheduler_class(args.scheduler).name  # unknown names fail before loading anything
     model, params, run_cfg = load_run(args.run, ema=args.ema)
-    scheduler = run_cfg.sampler(name)
     steps = args.steps or DEFAULT_STEPS.get(name, DEFAULT_FAST_STEPS)
     guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance(model)
-    use_cfg = guidance != 1.0
-    generate = make_generator(model, scheduler, steps, use_cfg=use_cfg)
+    generate = make_generator(model, run_cfg.sampler(name), steps, use_cfg=guidance != 1.0)
     labels = class_labels(model.num_classes, args.per_class)
-    key = jax.random.PRNGKey(args.seed)
-    t0 = time.perf_counter()
-    compiled = generate.lower(params, labels, key, jnp.float32(guidance)).compile()
-    compile_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    images = np.asarray(jax.block_until_ready(compiled(params, labels, key, jnp.float32(guidance))))
-    seconds = time.perf_counter() - t0
+    call = (params, labels, jax.random.PRNGKey(args.seed), jnp.float32(guidance))
+    compiled, compile_seconds = compile_timed(generate, *call)
+    images, seconds = run_timed(compiled, *call)
+    images = np.asarray(images)
     path = save_grid(images, args.out, nrow=args.per_class, value_range="unit", scale=args.scale)
     result = {"out": str(path), "images": int(len(labels)), "scheduler": name, "steps": steps,
               "guidance_scale": guidance, "sample_seconds": round(seconds, 3),
               "compile_seconds": round(compile_seconds, 2)}
     if args.save_array:
-        array_path = Path(args.save_array)
-        array_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(array_path, images=images.astype(np.float32), labels=labels)
-        result["array"] = str(array_path)
+        result["array"] = save_array(args.save_array, images, labels)
     return result
 
 
 @cli_main
 def main(argv=None) -> None:
-    result = run(parse_args(argv))
-    print(json.dumps(result), flush=True)
+    print_report(run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -19,21 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import assert_trees_equal, nchw, nhwc, rel_err
 
 from jaxdiff import guidance as G
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models.unet_2d import load_unet_2d
+from jaxdiff.sampling import as_apply_fn, as_denoiser
 from jaxdiff.schedulers import create_scheduler
 
 STEPS = 10
 TARGET = (0.1, 0.9, 0.5)  # the course's colour
 SCALE = 40.0              # the course's guidance_loss_scale
 RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +66,7 @@ def guided_loop(module, sched, state):
 
     def run(params, x, key, target, scale, schedule, variant):
         traces.append(variant)
-        denoise = lambda x_, t, c: module.apply({"params": params}, x_, t)  # noqa: E731
-        return G.guided_sample(denoise, sched, state, x, key, loss=G.make_color_loss(target),
+        return G.guided_sample(as_denoiser(module, params), sched, state, x, key, loss=G.make_color_loss(target),
                                guidance_scale=scale, schedule=schedule, variant=variant)
 
     fn = jax.jit(run, static_argnames="variant")
@@ -93,11 +89,11 @@ def course_loop(pipe, x_T, *, variant, scale, weights=None, dtype=torch.float32)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dtype)
     scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(dtype)
 
-    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()).to(dtype)
+    x = nchw(x_T).to(dtype)
     x = course_color_guided_loop(unet, scheduler, x, STEPS, variant=variant, scale=scale, target_color=TARGET,
                                  weights=weights)
     pipe["torch_unet"].to(torch.float32)
-    return x.detach().numpy().transpose(0, 2, 3, 1)
+    return nhwc(x)
 
 
 @pytest.mark.parametrize("variant", ["shortcut", "through_model"])
@@ -163,17 +159,17 @@ def test_changing_scale_schedule_or_colour_does_not_recompile(pipe, x_T, run_gui
 def test_guided_sampling_works_on_a_class_conditioned_model(pipe, x_T):
     """Loss guidance is model-agnostic: the cond (class labels here) goes to the denoiser."""
     from jaxdiff.models.class_conditioned import ClassConditionedUnet
-    from jaxdiff.models.unet_2d import UNet2DModel
+    from jaxdiff.models.unet_2d import UNet2DConfig, UNet2DModel
 
-    unet = UNet2DModel(sample_size=16, in_channels=1 + 4, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = UNet2DModel(UNet2DConfig(sample_size=16, in_channels=1 + 4, out_channels=1, block_out_channels=(8, 16),
+                                    layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4))
     model = ClassConditionedUnet(unet, num_classes=10, class_emb_size=4)
     x = jnp.asarray(x_T[..., :1])
     labels = jnp.array([3, 7])
     params = random_params(jax.eval_shape(model.init, jax.random.key(0), x, jnp.int32(0), labels)["params"])
     sched, state = pipe["sched"], pipe["state"]
-    denoise = lambda x_, t, c: model.apply({"params": params}, x_, t, c)  # noqa: E731
+    denoise = as_denoiser(model, params)
     bright = G.make_color_loss(0.9)  # a grey level: steer the digits towards bright strokes
 
     @jax.jit
@@ -213,8 +209,7 @@ def test_cutouts_without_augmentation_are_the_image_resized():
     images = np.random.default_rng(0).random((2, 24, 24, 3)).astype(np.float32)
     cuts = G.make_cutouts(jax.random.key(0), jnp.asarray(images), 3, 16, G.Augmentation.none())
     assert cuts.shape == (3, 2, 16, 16, 3)
-    want = F.interpolate(torch.from_numpy(images.transpose(0, 3, 1, 2)), size=(16, 16), mode="bilinear",
-                         align_corners=False).numpy().transpose(0, 2, 3, 1)
+    want = nhwc(F.interpolate(nchw(images), size=(16, 16), mode="bilinear", align_corners=False))
     for cut in cuts:
         np.testing.assert_allclose(cut, want, atol=1e-5)
 
@@ -276,7 +271,7 @@ def test_clip_loss_matches_the_course_loss_without_augmentation(tiny_clip):
     torch_clip = CLIPModel.from_pretrained(folder).eval()
     mean = torch.tensor(G.CLIP_MEAN)[None, :, None, None]
     std = torch.tensor(G.CLIP_STD)[None, :, None, None]
-    image = (torch.from_numpy(x0.transpose(0, 3, 1, 2)) + 1) / 2
+    image = (nchw(x0) + 1) / 2
     with torch.no_grad():
         image_features = torch_clip.get_image_features((image - mean) / std).pooler_output
         text_features = torch_clip.get_text_features(torch.tensor(np.array(ids)).long()).pooler_output
@@ -297,8 +292,7 @@ def test_clip_guidance_lowers_the_clip_loss(pipe, tiny_clip, x_T):
 
     @jax.jit
     def run(scale):
-        denoise = lambda x_, t, c: unet.apply({"params": unet_params}, x_, t)  # noqa: E731
-        return G.guided_sample(denoise, sched, state, jnp.asarray(x_T), jax.random.key(0), loss=loss,
+        return G.guided_sample(as_denoiser(unet, unet_params), sched, state, jnp.asarray(x_T), jax.random.key(0), loss=loss,
                                guidance_scale=scale, schedule=schedule)
 
     plain = G.make_clip_loss(features, text, n_cuts=1, size=16, augmentation=G.Augmentation.none())
@@ -313,6 +307,84 @@ def test_clip_loss_refuses_grey_images_and_a_missing_key():
         loss(jnp.zeros((1, 16, 16, 1)), jax.random.key(0))
     with pytest.raises(JaxdiffError, match="PRNG key"):
         loss(jnp.zeros((1, 16, 16, 3)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# A network as a denoiser, and the denoiser loader
+# --------------------------------------------------------------------------------------------
+
+def test_as_denoiser_is_the_network_with_its_params_bound(pipe, x_T):
+    module, params = pipe["module"], pipe["params"]
+    x, t = jnp.asarray(x_T), jnp.int32(500)
+    want = module.apply({"params": params}, x, t)
+    np.testing.assert_array_equal(as_denoiser(module, params)(x, t, None), want)
+    np.testing.assert_array_equal(as_apply_fn(module)(params, x, t), want)
+    halved = jax.tree.map(lambda p: p / 2, params)
+    np.testing.assert_array_equal(jax.jit(as_apply_fn(module))(halved, x, t),
+                                  jax.jit(lambda p: module.apply({"params": p}, x, t))(halved))
+
+
+@pytest.fixture(scope="module")
+def class_unet(tmp_path_factory):
+    """A tiny class-conditioned diffusers UNet2DModel (4 classes), saved alone: no scheduler."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=4).eval()
+    folder = tmp_path_factory.mktemp("class-unet")
+    unet.save_pretrained(folder)
+    return unet, folder
+
+
+def test_load_denoiser_reads_a_diffusers_pipeline_folder(pipe):
+    from jaxdiff.pipelines.unet_2d import load_denoiser
+
+    model = load_denoiser(pipe["folder"], "ddim")
+    assert model.sample_shape == (16, 16, 3) and model.num_classes is None
+    assert_trees_equal(model.params, pipe["params"])
+    assert model.scheduler == pipe["sched"]  # the pipeline's scheduler/ config
+    assert model.labels(2) is None
+    with pytest.raises(JaxdiffError, match="is not class-conditioned; drop --class-label"):
+        model.labels(2, 3)
+    from_unet = load_denoiser(pipe["folder"] / "unet", "ddpm")  # finds ../scheduler
+    np.testing.assert_array_equal(from_unet.scheduler.create_state().betas, pipe["state"].betas)
+    assert type(from_unet.scheduler).__name__ == "DDPMScheduler"
+
+
+def test_load_denoiser_class_conditioned_unet_labels_and_output(class_unet):
+    from jaxdiff.pipelines.unet_2d import load_denoiser
+
+    unet, folder = class_unet
+    model = load_denoiser(folder, "ddim")
+    assert model.sample_shape == (8, 8, 1) and model.num_classes == 4
+    assert model.scheduler == create_scheduler({"_class_name": "DDPMScheduler"}, name="ddim")  # no config: defaults
+    np.testing.assert_array_equal(model.labels(6), [0, 1, 2, 3, 0, 1])
+    np.testing.assert_array_equal(model.labels(3, 2), [2, 2, 2])
+    with pytest.raises(JaxdiffError, match=r"--class-label must be in \[0, 3\] for this model, got 4"):
+        model.labels(2, 4)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    labels = model.labels(2, 3)
+    got = as_denoiser(model.module, model.params)(jnp.asarray(x), jnp.int32(10), labels)
+    with torch.no_grad():
+        want = unet(nchw(x), 10, class_labels=torch.tensor([3, 3])).sample
+    assert rel_err(got, nhwc(want)) <= 1e-5  # float32 through a two-level UNet: measured ~1e-7
+
+
+def test_load_denoiser_refuses_unknown_schedulers_and_missing_folders(tmp_path):
+    from jaxdiff.pipelines.unet_2d import load_denoiser
+
+    with pytest.raises(JaxdiffError, match="unknown scheduler 'ddmi'"):
+        load_denoiser(tmp_path / "nope", "ddmi")
+    with pytest.raises(JaxdiffError, match="does not exist"):
+        load_denoiser(tmp_path / "nope", "ddim")
+
+
+def test_guided_generator_refuses_an_unknown_variant(pipe):
+    with pytest.raises(JaxdiffError, match="unknown guidance variant 'through'"):
+        G.guided_generator(pipe["module"], pipe["sched"], 2, G.make_color_loss, variant="through")
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +418,30 @@ def test_color_guidance_script_bad_input_is_one_line(pipe, tmp_path, capsys, arg
         color_guidance.main(["--model-dir", str(pipe["folder"]), "--out", str(tmp_path / "x.png"), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_guidance_scale_must_be_a_finite_number(pipe, tmp_path, capsys):
+    from sample import clip_guidance, color_guidance
+
+    for program in (color_guidance, clip_guidance):
+        with pytest.raises(SystemExit) as e:
+            program.parse_args(["--model-dir", str(pipe["folder"]), "--clip-dir", ".", "--prompt", "a",
+                                "--guidance-scale", "nan"] if program is clip_guidance else
+                               ["--model-dir", str(pipe["folder"]), "--guidance-scale", "inf"])
+        assert e.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+
+
+def test_sample_programs_import_no_other_program():
+    """Programs are thin: what two of them share lives in jaxdiff, not in one of them."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "sample").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     ["sample." * (node.level > 0) + (node.module or "")] if isinstance(node, ast.ImportFrom)
+                     else [])
+            assert not any(n.split(".")[0] in ("sample", "train") for n in names), (path.name, names)
 
 
 def test_scripts_refuse_a_model_folder_that_is_not_a_unet_2d(fixtures_dir, tmp_path, capsys):
