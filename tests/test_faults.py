@@ -382,3 +382,26 @@ def test_a_hub_dataset_of_image_paths_is_refused_unless_allowed(monkeypatch, out
     assert all(c["trust_remote_code"] is False for c in calls)
     with pytest.raises(BadImageError, match="more than the limit of 35"):
         load_captions("user/data", verbose=False, allow_outside_paths=True, max_image_pixels=35).image(0)
+
+
+class _Decoding(list):
+    """An image column that decodes on access, as `datasets` does; row 1's file is broken."""
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise OSError("cannot identify image file 'broken.jpg'")  # what PIL raises: an OSError
+        return Image.fromarray(np.full((6, 6, 3), 9 + i, np.uint8))
+
+
+def test_hub_images_that_fail_to_decode_or_are_too_large_are_bad_images(monkeypatch):
+    rows = _Rows({"image": _Decoding([None] * 4), "text": ["a", "b", "c", "d"]},
+                 {"image": types.SimpleNamespace(dtype="PIL.Image.Image"), "text": None})
+    monkeypatch.setitem(sys.modules, "datasets", datasets_stand_in("4.0.0", False, rows)[0])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = load_captions("user/data", verbose=False)
+    with pytest.raises(BadImageError, match=r"dataset 'user/data' row 1: the image cannot be read \(cannot identify"):
+        data.image(1)
+    batch = pixel_fetcher(data, RES, tok, workers=1)(np.array([0, 1, 2]), np.array([0, 1, 2]))
+    assert batch["index"].tolist() == [0, 2, 2] and batch["pixels"][1].max() == 11
+    with pytest.raises(BadImageError, match="row 0 is 6x6 = 36 pixels, more than the limit of 35"):
+        load_captions("user/data", verbose=False, max_image_pixels=35).image(0)

@@ -139,6 +139,11 @@ class BadImageError(JaxdiffError):
     """An image that cannot be decoded or is over the pixel limit (what `on_bad_image` governs)."""
 
 
+# What decoding a broken file raises (OSError covers PIL's UnidentifiedImageError and truncated
+# files); PIL's DecompressionBombError is handled apart.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
 _PIL_LIMIT = threading.Lock()
 
 
@@ -154,6 +159,7 @@ def allow_in_pil(max_image_pixels: int) -> None:
 
 
 def check_max_image_pixels(max_image_pixels) -> int:
+    """`max_image_pixels` as an int, or one JaxdiffError unless it is a positive whole number."""
     if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, (int, np.integer)) \
             or max_image_pixels <= 0:
         raise JaxdiffError(f"max_image_pixels must be a positive whole number of pixels, got "
@@ -186,8 +192,7 @@ def open_image(path: str | os.PathLike, max_image_pixels: int = MAX_IMAGE_PIXELS
     except Image.DecompressionBombError as e:
         raise BadImageError(f"image {name} is refused as a decompression bomb ({e}); shrink or remove "
                             "it, or raise --max-image-pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
-        # OSError covers PIL's UnidentifiedImageError and truncated files
+    except UNREADABLE as e:
         raise BadImageError(f"image {name} cannot be read ({e}); fix or remove it from the metadata") from None
 
 
@@ -314,11 +319,16 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
     allow_in_pil(max_image_pixels)
 
     def load(i):
+        from PIL import Image
+
         try:
-            im = images[i][image_col]
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
-            if isinstance(e, JaxdiffError):
-                raise
+            im = images[i][image_col]  # datasets decodes it here
+        except JaxdiffError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise BadImageError(f"{where} row {i}: the image is refused as a decompression bomb ({e}); "
+                                "raise --max-image-pixels if it is genuine") from None
+        except UNREADABLE as e:
             raise BadImageError(f"{where} row {i}: the image cannot be read ({e})") from None
         if isinstance(im, str):
             if not allow_outside_paths:
