@@ -54,7 +54,8 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
     denoise: `denoise(x, t, cond) -> model_output`; it receives
         `scheduler.scale_model_input(state, x, t)`.
     state: from `scheduler.set_timesteps`; the loop visits `state.loop_timesteps`
-        (`timesteps[begin_index:]`, i.e. fewer steps for img2img `strength`).
+        (`timesteps[begin_index:]`, i.e. fewer steps for img2img `strength`). A state whose
+        timesteps were sliced by hand is refused (`Scheduler.check_state`), before any tracing.
     x_T: (B, H, W, C). With `scale_x_T` (default) it is unit Gaussian noise and is multiplied by
         `scheduler.init_noise_sigma(state)`; pass `scale_x_T=False` when x_T already is a noisy
         sample (img2img: see `img2img_start`).
@@ -67,6 +68,7 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
     return_trajectory: also return the (num_steps, B, H, W, C) stacks of x_{t-1} and x0
         predictions, for plots.
     """
+    scheduler.check_state(state)
     x = x_T
     if scale_x_T:
         x = (x * scheduler.init_noise_sigma(state)).astype(x_T.dtype)

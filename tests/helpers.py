@@ -52,3 +52,138 @@ def assert_trees_equal(a, b) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedulers and the sampling loop: a deterministic fake model and the trajectory runners that
+# drive diffusers' PyTorch scheduler and ours side by side (test_schedulers*, test_sampling)
+# ------------------------------------------------------------------------------------------------
+
+TRAJ_SHAPE = (2, 8, 8, 3)  # NHWC
+TRAJ_RTOL = 1e-5
+
+
+def uniform_pattern(shape, seed) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
+
+
+PATTERN = uniform_pattern(TRAJ_SHAPE, 1)
+VAR_PATTERN = uniform_pattern(TRAJ_SHAPE, 2)  # the "predicted variance" half of a learned-variance model
+
+
+def x_T(seed=0, shape=TRAJ_SHAPE) -> np.ndarray:
+    """Unit Gaussian float32 noise (NHWC) from a numpy seed."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# The fake model: out = 0.9 x + 0.1 pattern (1 + t/T), the same float32 ops in both frameworks.
+# A learned-variance model appends a variance half: in [-1, 1] for `learned_range`, a positive
+# variance for `learned`.
+def _variance_half(learned):
+    return VAR_PATTERN if learned == "learned_range" else (VAR_PATTERN + 1) * np.float32(0.01)
+
+
+def fake_torch(x, t, T=1000, learned=None):
+    """The fake model on an NCHW torch tensor."""
+    import torch
+
+    tt = torch.as_tensor(t).to(torch.float32)
+    out = 0.9 * x + 0.1 * nchw(PATTERN) * (1 + tt / T)
+    if learned:
+        out = torch.cat([out, nchw(_variance_half(learned))], dim=1)
+    return out
+
+
+def fake_jax(x, t, T=1000, learned=None):
+    """The fake model on an NHWC JAX array."""
+    import jax.numpy as jnp
+
+    out = 0.9 * x + 0.1 * jnp.asarray(PATTERN) * (1 + jnp.asarray(t, jnp.float32) / T)
+    if learned:
+        out = jnp.concatenate([out, jnp.asarray(_variance_half(learned))], axis=-1)
+    return out
+
+
+def torch_trajectory(dsched, x_T: np.ndarray, *, seed=0, eta=None, learned=None, step_kwargs=None,
+                     timesteps=None):
+    """Run diffusers' loop; returns (prev_samples, x0_preds or None, noises) as NHWC stacks.
+    `noises[i]` is the noise diffusers drew at step i (zeros where it drew none)."""
+    import inspect
+
+    import torch
+
+    T = dsched.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(seed)
+    x = nchw(x_T)
+    xs, x0s, noises = [], [], []
+    timesteps = dsched.timesteps if timesteps is None else timesteps
+    for t in timesteps:
+        x_in = dsched.scale_model_input(x, t)
+        out = fake_torch(x_in, t, T, learned)
+        kwargs = dict(step_kwargs or {})
+        before = gen.get_state()
+        if eta is not None:
+            noise = torch.randn(x.shape, generator=gen) if eta > 0 else None
+            out_step = dsched.step(out, t, x, eta=eta, variance_noise=noise, **kwargs)
+        elif "generator" in inspect.signature(dsched.step).parameters:
+            out_step = dsched.step(out, t, x, generator=gen, **kwargs)
+        else:
+            out_step = dsched.step(out, t, x, **kwargs)
+        after = gen.get_state()
+        if torch.equal(before, after):
+            noises.append(np.zeros(x_T.shape, np.float32))
+        else:  # replay the draw diffusers made
+            g2 = torch.Generator()
+            g2.set_state(before)
+            noises.append(nhwc(torch.randn(x.shape, generator=g2)))
+        x = out_step.prev_sample
+        xs.append(nhwc(x))
+        x0 = getattr(out_step, "pred_original_sample", None)
+        x0s.append(None if x0 is None else nhwc(x0))
+    x0s = None if any(a is None for a in x0s) else np.stack(x0s)
+    return np.stack(xs), x0s, np.stack(noises)
+
+
+def jax_trajectory(sched, state, x_T, noises=None, learned=None):
+    """Our loop as one jitted scan, with the noise of each step injected."""
+    import jax.numpy as jnp
+
+    T = sched.num_train_timesteps
+
+    @jax.jit
+    def run(state, x_T, noises):
+        state = sched.init_history(state, x_T.shape)
+
+        def body(carry, inp):
+            x, st = carry
+            t, z = inp
+            out = fake_jax(sched.scale_model_input(st, x, t), t, T, learned)
+            o = sched.step(st, out, t, x, noise=z)
+            return (o.prev_sample, o.state), (o.prev_sample, o.pred_original_sample)
+
+        _, (xs, x0s) = jax.lax.scan(body, (x_T, state), (state.loop_timesteps, noises))
+        return xs, x0s
+
+    xs, x0s = run(state, jnp.asarray(x_T), None if noises is None else jnp.asarray(noises))
+    return np.asarray(xs), np.asarray(x0s)
+
+
+def assert_trajectories(xs, xs_ref, x0s, x0_ref, x0_weight=None, rtol=TRAJ_RTOL):
+    """x_{t-1}: |diff| <= rtol * max(1, max|x|). x0: the same bound on |diff| * x0_weight[step]:
+    for VP schedulers x0 = (x - sqrt(1-ᾱ) eps) / sqrt(ᾱ) magnifies 1-ulp differences of x_t by
+    1/sqrt(ᾱ_t) (160x at t=999), so x0 is compared in the units of x_t (weight sqrt(ᾱ_t))."""
+    assert xs.shape == xs_ref.shape, (xs.shape, xs_ref.shape)
+    assert np.all(np.isfinite(xs)), "x_{t-1}: non-finite values"
+    assert_close(xs, xs_ref, rtol, what="x_{t-1}")
+    if x0_ref is not None:
+        scale = max(1.0, float(np.abs(xs_ref).max()))
+        w = np.ones(len(x0s)) if x0_weight is None else np.asarray(x0_weight, np.float64)
+        w = w.reshape((-1,) + (1,) * (x0s.ndim - 1))
+        assert np.all(np.isfinite(x0s)), "pred_original_sample: non-finite values"
+        assert_close(x0s * w, x0_ref * w, rtol, what="pred_original_sample (x_t units)", scale=scale)
+
+
+def vp_weight(state) -> np.ndarray:
+    """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
+    t = np.asarray(state.loop_timesteps).astype(np.int64)
+    return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])

@@ -13,41 +13,25 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+from helpers import TRAJ_SHAPE as SHAPE, assert_close, nchw, nhwc
 from jaxdiff.sampling import cfg, img2img_start, make_sampler, rescale_noise_cfg, sample
 from jaxdiff.schedulers import create_scheduler
 
-SHAPE = (2, 8, 8, 3)
 T = 1000
-PATTERN = np.random.default_rng(1).uniform(-1, 1, size=SHAPE).astype(np.float32)
 
 
 def fake_jax(x, t, cond=None):
-    """A deterministic 'denoiser': 0.9 x + 0.1 pattern (1 + t/T)."""
-    return 0.9 * x + 0.1 * jnp.asarray(PATTERN) * (1 + jnp.asarray(t, jnp.float32) / T)
+    """A deterministic 'denoiser': 0.9 x + 0.1 pattern (1 + t/T) (tests/helpers.py)."""
+    return helpers.fake_jax(x, t, T)
 
 
 def fake_torch(x, t):
-    p = torch.from_numpy(PATTERN.transpose(0, 3, 1, 2).copy())
-    return 0.9 * x + 0.1 * p * (1 + torch.as_tensor(t).to(torch.float32) / T)
-
-
-def nchw(a):
-    return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
+    return helpers.fake_torch(x, t, T)
 
 
 def noise(seed):
-    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
-
-
-def assert_close(ours, ref, rtol=1e-5):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol:g} x {scale:.3g}"
+    return helpers.x_T(seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,160 +3,28 @@
 Parity: a deterministic fake model (a fixed function of x and t) drives whole trajectories in
 diffusers' PyTorch scheduler and in ours (one jitted `lax.scan`), with diffusers' own noise
 draws injected through `noise=`. Every x_{t-1} and x0 prediction of every step must agree to
-1e-5 relative to the trajectory's scale (float32; the schedules differ by at most 1 ulp because
-torch.linspace rounds differently from numpy; x0 is compared in the units of x_t, see
-`assert_trajectories`).
+1e-5 relative to the trajectory's scale (float32; the schedules are bit-identical to diffusers',
+tests/test_scheduler_betas.py; x0 is compared in the units of x_t, see
+`assert_trajectories`). The fake model and both runners live in tests/helpers.py.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 
 import diffusers
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from helpers import (TRAJ_SHAPE, assert_close, assert_trajectories, fake_jax, jax_trajectory, nchw,
+                     nhwc, torch_trajectory, vp_weight, x_T)
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import (SCHEDULER_NAMES, DDIMScheduler, common,
                                 create_scheduler)
 
-SHAPE = (2, 8, 8, 3)  # NHWC
-RTOL = 1e-5
-
-
-# ---------------------------------------------------------------------------------------------
-# The fake model and the two trajectory runners
-# ---------------------------------------------------------------------------------------------
-
-def _pattern(shape, seed):
-    return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
-
-
-PATTERN = _pattern(SHAPE, 1)
-VAR_PATTERN = _pattern(SHAPE, 2)  # the "predicted variance" half of a learned-variance model
-
-
-# The fake model: out = 0.9 x + 0.1 pattern (1 + t/T), the same float32 ops in both frameworks.
-# A learned-variance model appends a variance half: in [-1, 1] for `learned_range`, a positive
-# variance for `learned`.
-def _variance_half(learned):
-    return VAR_PATTERN if learned == "learned_range" else (VAR_PATTERN + 1) * np.float32(0.01)
-
-
-def fake_torch(x, t, T, learned=None):
-    p = torch.from_numpy(PATTERN.transpose(0, 3, 1, 2).copy())
-    tt = torch.as_tensor(t).to(torch.float32)
-    out = 0.9 * x + 0.1 * p * (1 + tt / T)
-    if learned:
-        out = torch.cat([out, torch.from_numpy(_variance_half(learned).transpose(0, 3, 1, 2).copy())], dim=1)
-    return out
-
-
-def fake_jax(x, t, T, learned=None):
-    out = 0.9 * x + 0.1 * jnp.asarray(PATTERN) * (1 + jnp.asarray(t, jnp.float32) / T)
-    if learned:
-        out = jnp.concatenate([out, jnp.asarray(_variance_half(learned))], axis=-1)
-    return out
-
-
-def to_nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def to_nchw(a) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
-
-
-def torch_trajectory(dsched, x_T: np.ndarray, *, seed=0, eta=None, learned=None, step_kwargs=None,
-                     timesteps=None):
-    """Run diffusers' loop; returns (prev_samples, x0_preds or None, noises) as NHWC stacks.
-    `noises[i]` is the noise diffusers drew at step i (zeros where it drew none)."""
-    T = dsched.config.num_train_timesteps
-    gen = torch.Generator().manual_seed(seed)
-    x = to_nchw(x_T)
-    xs, x0s, noises = [], [], []
-    timesteps = dsched.timesteps if timesteps is None else timesteps
-    for t in timesteps:
-        x_in = dsched.scale_model_input(x, t)
-        out = fake_torch(x_in, t, T, learned)
-        kwargs = dict(step_kwargs or {})
-        before = gen.get_state()
-        if eta is not None:
-            noise = torch.randn(x.shape, generator=gen) if eta > 0 else None
-            out_step = dsched.step(out, t, x, eta=eta, variance_noise=noise, **kwargs)
-        elif "generator" in inspect.signature(dsched.step).parameters:
-            out_step = dsched.step(out, t, x, generator=gen, **kwargs)
-        else:
-            out_step = dsched.step(out, t, x, **kwargs)
-        after = gen.get_state()
-        if torch.equal(before, after):
-            noises.append(np.zeros(SHAPE, np.float32))
-        else:  # replay the draw diffusers made
-            g2 = torch.Generator()
-            g2.set_state(before)
-            noises.append(to_nhwc(torch.randn(x.shape, generator=g2)))
-        x = out_step.prev_sample
-        xs.append(to_nhwc(x))
-        x0 = getattr(out_step, "pred_original_sample", None)
-        x0s.append(None if x0 is None else to_nhwc(x0))
-    x0s = None if any(a is None for a in x0s) else np.stack(x0s)
-    return np.stack(xs), x0s, np.stack(noises)
-
-
-def jax_trajectory(sched, state, x_T, noises=None, learned=None):
-    """Our loop as one jitted scan, with the noise of each step injected."""
-    T = sched.num_train_timesteps
-
-    @jax.jit
-    def run(state, x_T, noises):
-        state = sched.init_history(state, x_T.shape)
-
-        def body(carry, inp):
-            x, st = carry
-            t, z = inp
-            out = fake_jax(sched.scale_model_input(st, x, t), t, T, learned)
-            o = sched.step(st, out, t, x, noise=z)
-            return (o.prev_sample, o.state), (o.prev_sample, o.pred_original_sample)
-
-        _, (xs, x0s) = jax.lax.scan(body, (x_T, state), (state.loop_timesteps, noises))
-        return xs, x0s
-
-    xs, x0s = run(state, jnp.asarray(x_T), None if noises is None else jnp.asarray(noises))
-    return np.asarray(xs), np.asarray(x0s)
-
-
-def assert_close(ours, ref, what, rtol=RTOL, scale=None):
-    scale = max(1.0, float(np.abs(ref).max())) if scale is None else scale
-    err = float(np.abs(ours - ref).max())
-    assert np.all(np.isfinite(ours)), f"{what}: non-finite values"
-    assert err <= rtol * scale, f"{what}: max |diff| {err:.3g} > {rtol:g} x scale {scale:.3g}"
-
-
-def assert_trajectories(xs, xs_ref, x0s, x0_ref, x0_weight=None, rtol=RTOL):
-    """x_{t-1}: |diff| <= rtol * max(1, max|x|). x0: the same bound on |diff| * x0_weight[step]:
-    for VP schedulers x0 = (x - sqrt(1-ᾱ) eps) / sqrt(ᾱ) magnifies 1-ulp differences of x_t by
-    1/sqrt(ᾱ_t) (160x at t=999), so x0 is compared in the units of x_t (weight sqrt(ᾱ_t))."""
-    assert xs.shape == xs_ref.shape, (xs.shape, xs_ref.shape)
-    assert_close(xs, xs_ref, "x_{t-1}", rtol)
-    if x0_ref is not None:
-        scale = max(1.0, float(np.abs(xs_ref).max()))
-        w = np.ones(len(x0s)) if x0_weight is None else np.asarray(x0_weight, np.float64)
-        w = w.reshape((-1,) + (1,) * (x0s.ndim - 1))
-        assert_close(x0s * w, x0_ref * w, "pred_original_sample (x_t units)", rtol, scale)
-
-
-def vp_weight(state):
-    """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
-    t = np.asarray(state.loop_timesteps).astype(np.int64)
-    return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])
-
-
-def x_T(seed=0):
-    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+SHAPE = TRAJ_SHAPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,15 +102,6 @@ def test_ddim_trajectory_matches_diffusers(kwargs):
     assert_trajectories(xs, xs_ref, x0s, x0_ref, vp_weight(state))
 
 
-@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
-def test_betas_and_alphas_cumprod_match_diffusers(schedule):
-    ref = diffusers.DDPMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012)
-    state = create_scheduler("ddpm", beta_schedule=schedule, beta_start=0.00085, beta_end=0.012).create_state()
-    # torch.linspace rounds the last bit differently from numpy: <= 1 ulp, 3 ulp once squared.
-    np.testing.assert_allclose(state.betas, ref.betas.numpy(), rtol=4e-7, atol=0)
-    np.testing.assert_allclose(state.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=4e-7, atol=0)
-
-
 def test_zero_terminal_snr_rescale_matches_diffusers():
     ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     state = create_scheduler("ddim", beta_schedule="scaled_linear", rescale_betas_zero_snr=True).create_state()
@@ -265,9 +124,9 @@ def test_add_noise_velocity_and_training_target(prediction_type):
     x0, noise = x_T(1), x_T(2)
     t = np.array([0, 999], np.int64)
     xt = ours.add_noise(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
-    assert_close(np.asarray(xt), to_nhwc(ref.add_noise(to_nchw(x0), to_nchw(noise), torch.from_numpy(t))), "add_noise")
+    assert_close(np.asarray(xt), nhwc(ref.add_noise(nchw(x0), nchw(noise), torch.from_numpy(t))), what="add_noise")
     v = ours.get_velocity(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
-    assert_close(np.asarray(v), to_nhwc(ref.get_velocity(to_nchw(x0), to_nchw(noise), torch.from_numpy(t))), "v")
+    assert_close(np.asarray(v), nhwc(ref.get_velocity(nchw(x0), nchw(noise), torch.from_numpy(t))), what="v")
     target = np.asarray(ours.training_target(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
     expected = {"epsilon": noise, "sample": x0, "v_prediction": np.asarray(v)}[prediction_type]
     np.testing.assert_allclose(target, expected, rtol=0, atol=0)
@@ -292,7 +151,7 @@ def test_conversions_between_eps_x0_and_v_are_consistent():
 def test_dynamic_threshold_matches_diffusers():
     ref = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.7)
     x = x_T(5) * 2
-    expected = to_nhwc(ref._threshold_sample(to_nchw(x)))
+    expected = nhwc(ref._threshold_sample(nchw(x)))
     np.testing.assert_allclose(common.dynamic_threshold(jnp.asarray(x), 0.9, 1.7), expected, atol=1e-6)
 
 

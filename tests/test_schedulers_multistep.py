@@ -1,11 +1,12 @@
 """PNDM, Euler, Euler ancestral, DPM-Solver++ and LMS: whole trajectories against diffusers.
 
-Same protocol as tests/test_schedulers.py: a deterministic fake model drives diffusers' PyTorch
-scheduler and ours (one jitted `lax.scan` carrying the multistep state), diffusers' noise draws
-are replayed into ours through `noise=`, and every x_{t-1} (and x0 where diffusers returns it)
-must agree to 1e-5 relative to the trajectory's scale (LMS included: diffusers integrates its
-coefficients with `scipy.integrate.quad` on float32 polynomials, ours exactly in float64; the
-trajectories still agree to ~1e-7).
+Same protocol as tests/test_schedulers.py (the runners live in tests/helpers.py): a
+deterministic fake model drives diffusers' PyTorch scheduler and ours (one jitted `lax.scan`
+carrying the multistep state), diffusers' noise draws are replayed into ours through `noise=`,
+and every x_{t-1} (and x0 where diffusers returns it) must agree to 1e-5 relative to the
+trajectory's scale (LMS included: diffusers integrates its coefficients with
+`scipy.integrate.quad` on float32 polynomials, ours exactly in float64; the trajectories still
+agree to ~1e-7).
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import (TRAJ_SHAPE as SHAPE, assert_trajectories, jax_trajectory, nchw, nhwc,
+                     torch_trajectory, vp_weight, x_T)
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import create_scheduler
-from test_schedulers import (SHAPE, assert_trajectories, jax_trajectory, to_nchw, to_nhwc,
-                             torch_trajectory, vp_weight, x_T)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -136,14 +137,14 @@ def test_img2img_start_and_trajectory_match_diffusers(name):
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(t_start * ref.order)
     image, noise = x_T(7), x_T(8)
-    start_ref = ref.add_noise(to_nchw(image), to_nchw(noise), timesteps[:1].repeat(SHAPE[0]))
+    start_ref = ref.add_noise(nchw(image), nchw(noise), timesteps[:1].repeat(SHAPE[0]))
 
     state = ours.set_timesteps(ours.create_state(), steps, strength=strength)
     np.testing.assert_array_equal(np.asarray(state.loop_timesteps), timesteps.numpy().astype(np.float32)
                                   if state.timesteps.dtype == jnp.float32 else timesteps.numpy())
     t0 = jnp.broadcast_to(state.loop_timesteps[0], (SHAPE[0],))
     start = ours.add_noise(state, jnp.asarray(image), jnp.asarray(noise), t0)
-    np.testing.assert_allclose(start, to_nhwc(start_ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(start, nhwc(start_ref), rtol=1e-6, atol=1e-6)
 
     xs_ref, _, noises = torch_trajectory(ref, np.asarray(start), timesteps=timesteps)
     xs, _ = jax_trajectory(ours, state, np.asarray(start), noises)

@@ -10,9 +10,9 @@ See `jaxdiff.schedulers.base` for the contract and `jaxdiff.sampling` for the lo
 from jaxdiff.schedulers.base import Scheduler, SchedulerState, StepOutput
 from jaxdiff.schedulers.common import (add_noise_vp, dynamic_threshold, from_x0_and_eps,
                                        pred_eps_from_v, pred_eps_from_x0, pred_x0_from_eps,
-                                       pred_x0_from_v, to_x0_and_eps, v_from)
+                                       pred_x0_from_v, to_x0_and_eps, v_from, x0_and_eps)
 from jaxdiff.schedulers.config import (create_scheduler, read_scheduler_config, register,
-                                       scheduler_class)
+                                       scheduler_class, scheduler_names)
 from jaxdiff.schedulers.ddim import DDIMScheduler
 from jaxdiff.schedulers.ddpm import DDPMScheduler
 from jaxdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
@@ -28,13 +28,14 @@ register(EulerAncestralDiscreteScheduler, "euler_ancestral", "euler-a")
 register(DPMSolverMultistepScheduler, "dpm", "dpmsolver++", "dpm++2m", "dpm-solver++")
 register(LMSDiscreteScheduler)
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "lms")
+# The registered names in registration order (call scheduler_names() for classes registered later).
+SCHEDULER_NAMES = scheduler_names()
 
 __all__ = [
     "SCHEDULER_NAMES", "Scheduler", "SchedulerState", "StepOutput", "create_scheduler",
-    "read_scheduler_config", "scheduler_class", "register",
+    "read_scheduler_config", "scheduler_class", "scheduler_names", "register",
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
     "add_noise_vp", "dynamic_threshold", "from_x0_and_eps", "pred_eps_from_v", "pred_eps_from_x0",
-    "pred_x0_from_eps", "pred_x0_from_v", "to_x0_and_eps", "v_from",
+    "pred_x0_from_eps", "pred_x0_from_v", "to_x0_and_eps", "v_from", "x0_and_eps",
 ]

@@ -8,6 +8,9 @@ state pytree.
 
 Every method is a pure function of its arguments, jittable and usable inside `lax.scan` with
 the state carried (multistep schedulers keep their history and counters in `state.history`).
+Called outside `jit` (a notebook's Python loop), `step`, `add_noise`, `scale_model_input`, ...
+run compiled on first use (`jaxdiff.schedulers.eager`). Randomness is keyword-only: `key=`
+(or `noise=`); diffusers' step options (`eta`, `s_churn`, ...) are config fields.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from jaxdiff.errors import JaxdiffError, unknown_choice
-from jaxdiff.schedulers import common
+from jaxdiff.schedulers import common, eager
 
 
 @struct.dataclass
@@ -32,11 +35,14 @@ class SchedulerState:
     final_alpha_cumprod: () float32, ᾱ used past the last step (1 or ᾱ_0, `set_alpha_to_one`).
     timesteps: (N,) descending; int32 for DDPM/DDIM/PNDM/DPM-Solver, float32 for Euler/LMS
         (diffusers' fractional timesteps). The sampling loop runs over `timesteps[begin_index:]`.
+        Never slice it by hand (diffusers' img2img `timesteps[t_start:]`): `step` checks its
+        length against `num_inference_steps`; use `set_timesteps(..., strength=)`.
     sigmas: (N+1,) float32 noise levels for the sigma schedulers (Euler, LMS, DPM-Solver), else (0,).
     step_index: () int32 counter of steps taken (sigma schedulers index `sigmas` with it).
     history: scheduler-specific arrays (multistep buffers), {} for single-step schedulers.
     num_inference_steps: static; None until `set_timesteps`.
     begin_index: static; first loop index (img2img `strength`), 0 otherwise.
+    num_timesteps: static; len(timesteps) as `set_timesteps` made it (None before).
     """
     betas: jax.Array
     alphas_cumprod: jax.Array
@@ -47,6 +53,7 @@ class SchedulerState:
     history: dict = struct.field(default_factory=dict)
     num_inference_steps: int | None = struct.field(pytree_node=False, default=None)
     begin_index: int = struct.field(pytree_node=False, default=0)
+    num_timesteps: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def loop_timesteps(self) -> jax.Array:
@@ -91,6 +98,12 @@ class Scheduler:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in eager.COMPILED_METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, eager.compile_on_first_use(cls.__dict__[name]))
 
     def __post_init__(self):
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
@@ -164,7 +177,12 @@ class Scheduler:
                       dtype=jnp.float32) -> SchedulerState:
         """A state for `num_inference_steps` (static) steps with the history reset.
         `strength` in (0, 1] starts the loop part-way, as diffusers' img2img does
-        (`begin_index = n - int(n * strength)`); `shape` pre-allocates multistep history.
+        (`begin_index = n - int(n * strength)`): loop over `state.loop_timesteps` and start from
+        `jaxdiff.sampling.img2img_start`. Do not slice `state.timesteps` (or the list you loop
+        over) by hand as diffusers pipelines do: the multistep and sigma schedulers count steps
+        in the state, so `step` refuses a state whose timesteps no longer match
+        `num_inference_steps` (also under jit) and, outside jit, a `t` that is not the state's
+        next timestep. `shape` pre-allocates multistep history.
 
         This default (DDPM, DDIM): integer timesteps spaced by `timestep_spacing`."""
         n = self._check_steps(num_inference_steps)
@@ -189,7 +207,8 @@ class Scheduler:
             timesteps=jnp.asarray(timesteps),
             sigmas=jnp.zeros((0,), jnp.float32) if sigmas is None else jnp.asarray(sigmas, jnp.float32),
             step_index=jnp.asarray(self._first_step_index(begin), jnp.int32),
-            history=dict(history or {}), num_inference_steps=num_inference_steps, begin_index=begin)
+            history=dict(history or {}), num_inference_steps=num_inference_steps, begin_index=begin,
+            num_timesteps=len(timesteps))
         if shape is not None:
             state = self.init_history(state, shape, dtype)
         return state
@@ -223,7 +242,33 @@ class Scheduler:
         if state.num_inference_steps is None:
             raise JaxdiffError(f"{type(self).__name__}.step needs a state from "
                                "set_timesteps(state, num_inference_steps); call it first")
+        self.check_state(state)
         return state.num_inference_steps
+
+    def check_state(self, state: SchedulerState) -> None:
+        """Refuse a state whose timesteps were changed by hand (e.g. sliced for img2img): their
+        length must be what `set_timesteps` made. Shapes are static, so this works under jit."""
+        want, got = state.num_timesteps, state.timesteps.shape[0]
+        if want is not None and got != want:
+            raise JaxdiffError(
+                f"this {type(self).__name__} state has {got} timesteps but set_timesteps made {want} "
+                f"(num_inference_steps={state.num_inference_steps}): its timesteps were changed by "
+                "hand; for img2img use set_timesteps(state, n, strength=s) and loop over "
+                "state.loop_timesteps")
+
+    def _timestep_index(self, state: SchedulerState) -> int | None:
+        """Index into `state.timesteps` of the timestep the next step expects, for schedulers
+        that step by counter (None: the step works from `t` alone). Concrete state only."""
+        return None
+
+    def _eager_step_arguments(self, state, model_output, t, x, key=None, noise=None) -> dict:
+        """Checks of a `step` call with concrete arguments, before it runs compiled; returns
+        arguments to replace (none here)."""
+        self.check_state(state)
+        index = self._timestep_index(state)
+        if index is not None and state.num_inference_steps is not None:
+            eager.check_next_timestep(self, state, t, index)
+        return {}
 
     # ---- the forward process and training targets (VP, indexed by integer t) ---------------
 
@@ -256,8 +301,12 @@ class Scheduler:
         """The network's input at this step (identity except for the sigma schedulers)."""
         return x
 
-    def step(self, state: SchedulerState, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state: SchedulerState, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         raise NotImplementedError
+
+
+for _name in eager.COMPILED_METHODS:  # subclasses are wrapped by __init_subclass__
+    setattr(Scheduler, _name, eager.compile_on_first_use(Scheduler.__dict__[_name]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +325,16 @@ def _cached_betas(schedule, T, start, end, trained, zero_snr) -> np.ndarray:
     return _BETAS_CACHE[k]
 
 
+def check_key(key, who: str) -> None:
+    """A PRNG key: a typed key (`jax.random.key`) or a legacy uint32 (2,) one."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == jnp.uint32 and tuple(key.shape) == (2,))):
+        return
+    shown = f"a {dtype} array of shape {tuple(key.shape)}" if dtype is not None else repr(key)
+    raise JaxdiffError(f"{who}: key must be a PRNG key such as jax.random.key(0), got {shown}")
+
+
 def draw_noise(key, noise, shape, dtype, who: str):
     """The noise of a stochastic step: `noise` when given (tests inject diffusers' draws),
     else a standard normal draw from `key`."""
@@ -283,6 +342,7 @@ def draw_noise(key, noise, shape, dtype, who: str):
         return jnp.asarray(noise).astype(dtype)
     if key is None:
         raise JaxdiffError(f"{who} is stochastic: pass key=jax.random.key(...) (or noise=)")
+    check_key(key, who)
     return jax.random.normal(key, shape, dtype)
 
 

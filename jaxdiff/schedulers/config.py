@@ -47,6 +47,7 @@ def register(cls: type[Scheduler], *aliases: str) -> type[Scheduler]:
 
 
 def scheduler_names() -> tuple[str, ...]:
+    """The jaxdiff names of the registered schedulers, in registration order."""
     return tuple(_REGISTRY)
 
 

@@ -45,7 +45,7 @@ class DDIMScheduler(Scheduler):
     def _final_alpha_cumprod(self, ac: np.ndarray) -> np.float32:
         return np.float32(1.0) if self.set_alpha_to_one else ac[0]
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """DDIM update from timestep t to t - T // num_inference_steps (diffusers' rule, for every
         spacing). t: scalar or (B,) int."""
         n = self._need_timesteps(state)
@@ -67,8 +67,8 @@ class DDIMScheduler(Scheduler):
 
         variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
         std_dev_t = self.eta * jnp.sqrt(variance)
-        if self.use_clipped_model_output:
-            eps = (x - e(jnp.sqrt(alpha_prod_t)) * x0) / e(jnp.sqrt(beta_prod_t))
+        if self.use_clipped_model_output:  # the eps the clipped x0 implies
+            _, eps = common.to_x0_and_eps("sample", x, x0, alpha_prod_t)
         direction = e(jnp.sqrt(1 - alpha_prod_t_prev - std_dev_t ** 2)) * eps
         prev_sample = e(jnp.sqrt(alpha_prod_t_prev)) * x0 + direction
         if self.eta > 0:

@@ -6,11 +6,13 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.schedulers import common
 from jaxdiff.schedulers.base import (Scheduler, StepOutput, draw_noise,
                                      split_variance)
+from jaxdiff.schedulers.eager import is_traced
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -36,7 +38,8 @@ def clip_or_threshold(sched, x0):
 @dataclasses.dataclass(frozen=True)
 class DDPMScheduler(Scheduler):
     """diffusers `DDPMScheduler` config and update. `step` is stochastic for t > 0: pass `key`
-    (or `noise`). A learned-variance model outputs (B, H, W, 2C): mean part, then variance part."""
+    (or `noise`); the last step (t = 0) adds no noise and needs none. A learned-variance model
+    outputs (B, H, W, 2C): mean part, then variance part."""
 
     name: ClassVar[str] = "ddpm"
     diffusers_class: ClassVar[str] = "DDPMScheduler"
@@ -73,8 +76,21 @@ class DDPMScheduler(Scheduler):
         frac = (predicted_variance + 1) / 2
         return jnp.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    @staticmethod
+    def _noise_free(t) -> bool:
+        """t is known (not traced) and every entry is 0: the step adds no noise."""
+        return not is_traced(t) and bool(np.all(np.asarray(t) == 0))
+
+    def _eager_step_arguments(self, state, model_output, t, x, key=None, noise=None) -> dict:
+        if key is None and noise is None and self._noise_free(t):
+            return {"noise": jnp.zeros(jnp.shape(x), jnp.float32)}  # compiled once, no key needed
+        return {}
+
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """x_{t-1} ~ q(x_{t-1} | x_t, x0_pred). t: scalar or (B,) int timestep of `x`."""
+        self.check_state(state)
+        if key is None and noise is None and self._noise_free(t):
+            noise = jnp.zeros(jnp.shape(x), jnp.float32)
         out_dtype = x.dtype
         cdt = jnp.promote_types(x.dtype, jnp.float32)
         x = x.astype(cdt)
@@ -93,12 +109,7 @@ class DDPMScheduler(Scheduler):
         current_beta_t = 1 - current_alpha_t
 
         e = lambda c: common.expand_to(c, x)  # noqa: E731
-        if self.prediction_type == "epsilon":
-            x0 = (x - e(jnp.sqrt(beta_prod_t)) * model_output) / e(jnp.sqrt(alpha_prod_t))
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:  # v_prediction
-            x0 = e(jnp.sqrt(alpha_prod_t)) * x - e(jnp.sqrt(beta_prod_t)) * model_output
+        x0, _ = common.to_x0_and_eps(self.prediction_type, x, model_output, alpha_prod_t)
         x0 = clip_or_threshold(self, x0)
 
         x0_coeff = (jnp.sqrt(alpha_prod_t_prev) * current_beta_t) / beta_prod_t
@@ -106,7 +117,7 @@ class DDPMScheduler(Scheduler):
         prev_sample = e(x0_coeff) * x0 + e(x_coeff) * x
 
         std = self._variance(e(alpha_prod_t), e(alpha_prod_t_prev), e(current_beta_t), predicted_variance)
-        z = draw_noise(key, noise, x.shape, cdt, "DDPM step")
+        z = draw_noise(key, noise, x.shape, cdt, "DDPM step at t > 0 (or a traced t)")
         std = jnp.where(e(t) > 0, std, 0.0)
         prev_sample = prev_sample + std * z
         return StepOutput(prev_sample.astype(out_dtype), x0, state)

@@ -143,14 +143,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """The data prediction x0 that DPM-Solver++ integrates."""
         sigma = self._sigma(state)
         alpha_t, sigma_t = _alpha_sigma(sigma)
-        if self.prediction_type == "epsilon":
-            if self.variance_type is not None:
-                model_output = model_output[..., : x.shape[-1]]
-            x0 = (x - sigma_t * model_output) / alpha_t
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:  # v_prediction
-            x0 = alpha_t * x - sigma_t * model_output
+        if self.prediction_type == "epsilon" and self.variance_type is not None:
+            model_output = model_output[..., : x.shape[-1]]  # drop the learned variance half
+        x0, _ = common.x0_and_eps(self.prediction_type, x, model_output, alpha_t, sigma_t)
         if self.thresholding:
             x0 = common.dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         return x0
@@ -215,7 +210,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                 + (alpha_t * ((1.0 - jnp.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
                 + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise)
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """One multistep update from sigmas[step_index] to sigmas[step_index + 1]; the order
         warms up 1 → solver_order and drops at the end as diffusers does."""
         self._need_timesteps(state)

@@ -63,7 +63,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         return self._finish_set_timesteps(state, n, ts.astype(np.float32), sigmas,
                                           strength=strength, shape=shape, dtype=dtype)
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """One Euler step from sigmas[step_index] to sigmas[step_index + 1]."""
         self._need_sigmas(state)
         out_dtype = x.dtype
@@ -79,7 +79,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
             x = jnp.where(gamma > 0, x + eps * jnp.sqrt(sigma_hat ** 2 - sigma ** 2), x)
         else:
             sigma_hat = sigma * 1.0
-        x0 = self._x0_from_output(x, model_output, sigma, sigma_hat)
+        # diffusers converts eps at the churned sigma_hat and v at sigma.
+        x0 = self._x0_from_output(x, model_output, sigma_hat if self.prediction_type == "epsilon" else sigma)
         derivative = (x - x0) / sigma_hat
         dt = state.sigmas[state.step_index + 1] - sigma_hat
         prev_sample = x + derivative * dt
@@ -111,7 +112,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return self._finish_set_timesteps(state, n, ts, sigmas, strength=strength, shape=shape, dtype=dtype)
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         self._need_sigmas(state)
         out_dtype = x.dtype
         x = x.astype(jnp.float32)

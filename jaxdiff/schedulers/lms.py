@@ -89,7 +89,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         history["derivatives"] = jnp.zeros((LMS_ORDER,) + tuple(shape), jnp.float32)
         return state.replace(history=history)
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """x_{i+1} = x_i + sum_j c_ij d_{i-j}, d = (x - x0) / sigma, over the last 4 derivatives."""
         self._need_sigmas(state)
         state = self._ensure_history(state, x)

@@ -43,6 +43,9 @@ class PNDMScheduler(Scheduler):
     def _first_step_index(self, begin_index: int) -> int:
         return 0  # the PRK/PLMS counter always starts at 0 (also for img2img), as in diffusers
 
+    def _timestep_index(self, state: SchedulerState) -> int:
+        return state.begin_index + int(np.asarray(state.step_index))
+
     def set_timesteps(self, state, num_inference_steps, *, strength=None, shape=None,
                       dtype=jnp.float32) -> SchedulerState:
         n = self._check_steps(num_inference_steps)
@@ -86,8 +89,7 @@ class PNDMScheduler(Scheduler):
         alpha_prod_t_prev = jnp.where(prev_t >= 0, ac[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod)
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
-        if self.prediction_type == "v_prediction":
-            model_output = jnp.sqrt(alpha_prod_t) * model_output + jnp.sqrt(beta_prod_t) * x
+        _, model_output = common.to_x0_and_eps(self.prediction_type, x, model_output, alpha_prod_t)
         sample_coeff = jnp.sqrt(alpha_prod_t_prev / alpha_prod_t)
         denom = alpha_prod_t * jnp.sqrt(beta_prod_t_prev) + jnp.sqrt(alpha_prod_t * beta_prod_t * alpha_prod_t_prev)
         return sample_coeff * x - (alpha_prod_t_prev - alpha_prod_t) * model_output / denom
@@ -141,7 +143,7 @@ class PNDMScheduler(Scheduler):
         history = dict(h, ets=ets, num_ets=num_ets, cur_sample=cur_sample)
         return prev, history
 
-    def step(self, state, model_output, t, x, key=None, noise=None) -> StepOutput:
+    def step(self, state, model_output, t, x, *, key=None, noise=None) -> StepOutput:
         """A Runge-Kutta stage while the counter is within the 12 PRK evaluations (unless
         `skip_prk_steps`), else a PLMS step."""
         self._need_timesteps(state)
@@ -157,8 +159,6 @@ class PNDMScheduler(Scheduler):
             prev, history = jax.lax.cond(state.step_index < prk_steps,
                                          lambda: self._step_prk(state, m, t, x),
                                          lambda: self._step_plms(state, m, t, x))
-        a = state.alphas_cumprod[t]
-        eps = m if self.prediction_type == "epsilon" else common.pred_eps_from_v(x, m, a)
-        x0 = common.pred_x0_from_eps(x, eps, a)
+        x0, _ = common.to_x0_and_eps(self.prediction_type, x, m, state.alphas_cumprod[t])
         new_state = state.replace(step_index=state.step_index + 1, history=history)
         return StepOutput(prev.astype(out_dtype), x0, new_state)

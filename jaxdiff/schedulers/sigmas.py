@@ -100,15 +100,16 @@ class SigmaScheduler(Scheduler):
         sigma = self._sigma(state)
         return (x / jnp.sqrt(sigma ** 2 + 1)).astype(x.dtype)
 
-    def _x0_from_output(self, x, model_output, sigma, sigma_hat=None):
-        """Euler/LMS x0 estimate (diffusers' formulas) for each prediction type."""
-        sigma_hat = sigma if sigma_hat is None else sigma_hat
-        if self.prediction_type == "epsilon":
-            return x - sigma_hat * model_output
-        if self.prediction_type == "v_prediction":
-            return model_output * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + (x / (sigma ** 2 + 1))
-        return model_output
+    def _x0_from_output(self, x, model_output, sigma):
+        """The x0 estimate of the VE sample x = x0 + sigma·eps (diffusers' Euler/LMS formulas)."""
+        x0, _ = common.x0_and_eps(self.prediction_type, x, model_output, 1.0, sigma,
+                                  variance_preserving=False)
+        return x0
 
     def _need_sigmas(self, state: SchedulerState) -> None:
         if state.sigmas.shape[0] == 0:
             raise JaxdiffError(f"{type(self).__name__} needs a state from create_state()/set_timesteps()")
+        self.check_state(state)
+
+    def _timestep_index(self, state: SchedulerState) -> int:
+        return int(np.asarray(state.step_index))
