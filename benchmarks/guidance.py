@@ -85,14 +85,14 @@ def jax_loops(module, params, sched, steps, x_T, clip: bool):
     import jax.numpy as jnp
 
     from jaxdiff import guidance as G
-    from jaxdiff.sampling import sample
+    from jaxdiff.sampling import as_denoiser, sample
 
     state = sched.set_timesteps(sched.create_state(), steps)
     schedule = G.guidance_schedule("constant", state.alphas_cumprod)
     target = jnp.asarray(TARGET)
 
     def run(params, x, key, scale, schedule, variant, loss_args=None):
-        denoise = lambda x_, t, c: module.apply({"params": params}, x_, t)  # noqa: E731
+        denoise = as_denoiser(module, params)
         if variant == "unguided":
             return sample(denoise, sched, state, x, key)
         if variant == "clip":
