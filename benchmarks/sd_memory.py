@@ -5,7 +5,7 @@ diffusers in fp16, and one full-size float32 CFG UNet step on the CPU.
 
 1. diffusers builds `UNet2DConditionModel()` with SD 1.5's config (random weights) and saves it
    with `variant="fp16"` (1.7 GB), in a child process so torch's memory is not counted.
-2. Fresh child processes load it with `jaxdiff.models.unet_2d_condition.load_unet` (as bf16 and
+2. Fresh child processes load it with `jaxdiff.models.unet_2d_condition.load_unet_2d_condition` (as bf16 and
    as fp32, then moved to the device as `load_pipeline` does) and report the peak resident set
    size (`ru_maxrss`) above the process's RSS after imports, relative to the parameters' size.
    The issue's bar: ≤ ~1.5× the parameters' size.
@@ -41,7 +41,7 @@ def measure(folder: Path, dtype: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff.models.unet_2d_condition import load_unet
+    from jaxdiff.models.unet_2d_condition import load_unet_2d_condition
     from jaxdiff.pipelines.stable_diffusion import _to_device
 
     def rss() -> int:
@@ -50,7 +50,7 @@ def measure(folder: Path, dtype: str) -> dict:
 
     jnp.zeros(1).block_until_ready()
     base = rss()
-    _, params = load_unet(folder, subfolder=None, variant="fp16", dtype=jnp.dtype(dtype))
+    _, params = load_unet_2d_condition(folder, subfolder=None, variant="fp16", dtype=jnp.dtype(dtype))
     after_load = rss()
     params = _to_device(params)
     jax.block_until_ready(params)
@@ -67,16 +67,16 @@ def unet_step(folder: Path) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff.models.unet_2d_condition import load_unet
+    from jaxdiff.models.unet_2d_condition import load_unet_2d_condition
     from jaxdiff.pipelines.stable_diffusion import _to_device
-    from jaxdiff.sampling import cfg
+    from jaxdiff.sampling import as_denoiser, cfg
 
-    unet, params = load_unet(folder, subfolder=None, variant="fp16", dtype=jnp.float32)
+    unet, params = load_unet_2d_condition(folder, subfolder=None, variant="fp16", dtype=jnp.float32)
     params = _to_device(params)
 
     @jax.jit
     def step(params, x, t, context, uncond):
-        denoise = cfg(lambda x, t, c: unet.apply({"params": params}, x, t, c), 7.5)
+        denoise = cfg(as_denoiser(unet, params), 7.5)
         return denoise(x, t, (context, uncond))
 
     x = jax.random.normal(jax.random.key(0), (1, 64, 64, 4))

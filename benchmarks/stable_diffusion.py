@@ -96,7 +96,7 @@ def jax_unet_step_ms(pipe, params, batch: int, size: int, repeats: int, loop: in
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff.sampling import cfg
+    from jaxdiff.sampling import as_denoiser, cfg
 
     h = size // pipe.vae_scale_factor
     x = jnp.zeros((batch, h, h, pipe.latent_channels), jnp.float32) + 0.1
@@ -104,7 +104,7 @@ def jax_unet_step_ms(pipe, params, batch: int, size: int, repeats: int, loop: in
 
     @jax.jit
     def steps(p, x, ctx):
-        denoise = cfg(lambda x, t, c: pipe.unet.apply({"params": p}, x, t, c), 7.5)
+        denoise = cfg(as_denoiser(pipe.unet, p), 7.5)
 
         def body(i, x):
             return x + 1e-3 * denoise(x, 999 - i * 20, (ctx, ctx))

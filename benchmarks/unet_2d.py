@@ -139,6 +139,8 @@ def forward_benchmark(args) -> dict:
     import numpy as np
     import torch
 
+    from jaxdiff.sampling import as_apply_fn
+
     ref, module, params = build_models(args.device)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 28, 28, 1), np.float32)
@@ -165,9 +167,7 @@ def forward_benchmark(args) -> dict:
         if variant == "donate":
             jit_kw = dict(donate_argnums=(1,))
 
-        def apply(p, x, t, m=m):
-            return m.apply({"params": p}, x, t)
-
+        apply = as_apply_fn(m)
         with jax.default_matmul_precision(precision) if precision else _null():
             t0 = time.perf_counter()
             compiled = jax.jit(apply, **jit_kw).lower(p, x_j, t_j).compile()
@@ -272,13 +272,13 @@ def sampling_benchmark(args) -> None:
     import jax
     import torch
 
-    from jaxdiff.sampling import make_sampler
+    from jaxdiff.sampling import as_apply_fn, make_sampler
     from jaxdiff.schedulers import create_scheduler
 
     ref, module, params = build_models(args.device)
     schedule = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # the course's
     scheduler = create_scheduler("ddpm", **schedule)
-    run = make_sampler(lambda p, x, t, c: module.apply({"params": p}, x, t), scheduler, args.steps)
+    run = make_sampler(as_apply_fn(module), scheduler, args.steps)
     key = jax.random.PRNGKey(0)
     x_T = jax.random.normal(key, (args.batch, 28, 28, 1))
     t0 = time.perf_counter()

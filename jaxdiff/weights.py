@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import struct
 import tempfile
@@ -95,9 +96,14 @@ def read_config(folder: str | os.PathLike, subfolder: str | None = None,
     return path, config
 
 
-def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
+def find_weights(folder: Path, variant: str | None = None, *,
+                 allow_outside_paths: bool = False) -> list[Path]:
     """The weight files of a model folder: safetensors (sharded or not, optional `variant`
-    such as "fp16"), else Flax msgpack. A folder with only a torch pickle gets a clear error."""
+    such as "fp16"), else Flax msgpack. A folder with only a torch pickle gets a clear error.
+
+    The shard names of a `*.safetensors.index.json` must resolve (symlinks followed) inside
+    `folder` (or, in a Hugging Face hub cache, inside the repository's `blobs/`); pass
+    `allow_outside_paths=True` to read shards from anywhere."""
     folder = Path(folder)
     names = list(SAFETENSORS_NAMES)
     if variant:
@@ -107,12 +113,7 @@ def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
             return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing or not shards:
-                raise JaxdiffError(f"{index} names shard {missing[0] if missing else '(none)'} "
-                                   "that is not in the folder; re-download the model")
-            return [folder / s for s in shards]
+            return shard_files(index, allow_outside_paths=allow_outside_paths)
     for name in MSGPACK_NAMES:
         if (folder / name).is_file():
             return [folder / name]
@@ -123,6 +124,39 @@ def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
                 "safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
     raise JaxdiffError(
         f"no weights in {folder}: expected one of {', '.join(SAFETENSORS_NAMES + MSGPACK_NAMES)}")
+
+
+def shard_files(index: Path, *, allow_outside_paths: bool = False) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names in its `weight_map`, in name order,
+    each checked to exist and (unless `allow_outside_paths`) to lie inside the index's folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map \
+            or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise JaxdiffError(f"{index}: 'weight_map' must map tensor names to shard file names; "
+                           "re-download the model")
+    folder = index.parent
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        path = folder / name
+        if not allow_outside_paths:
+            _check_inside(path, folder, f"{index} names shard {name!r}")
+        if not path.is_file():
+            raise JaxdiffError(f"{index} names shard {name!r} that is not in the folder; "
+                               "re-download the model")
+        shards.append(path)
+    return shards
+
+
+def _check_inside(path: Path, folder: Path, what: str) -> None:
+    """`path`, symlinks resolved, must lie under `folder` (or a hub cache's `blobs/`)."""
+    resolved = path.resolve()
+    roots = [folder.resolve()]
+    roots += [p.parent.parent / "blobs" for p in [roots[0], *roots[0].parents]
+              if p.parent.name == "snapshots" and (p.parent.parent / "blobs").is_dir()]
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise JaxdiffError(f"{what}, which resolves to {resolved}, outside the model folder "
+                           f"{roots[0]}; move the shard into the folder (or pass "
+                           f"allow_outside_paths=True if you trust the index)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,36 +173,92 @@ def _safetensors_dtypes() -> dict:
     }
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+class _Corrupt(Exception):
+    """A problem found in a safetensors file, turned into one JaxdiffError line by the caller."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(name: str, info, data_len: int, dtypes: Mapping) -> tuple:
+    """(dtype, shape, start, end) of a header entry, or `_Corrupt` naming what is wrong."""
+    where = f"tensor {name!r}"
+    if not isinstance(info, dict):
+        raise _Corrupt(f"{where}: header entry is a {type(info).__name__}, not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in dtypes:
+        raise _Corrupt(f"{where}: unknown dtype {dtype!r} (known: {', '.join(dtypes)})")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _Corrupt(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = info.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise _Corrupt(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise _Corrupt(f"{where}: data_offsets [{start}, {end}] are not within the "
+                       f"{data_len} data bytes (0 <= start <= end <= data size); the file is "
+                       "truncated or corrupt")
+    nbytes = math.prod(shape) * np.dtype(dtypes[dtype]).itemsize
+    if end - start != nbytes:
+        raise _Corrupt(f"{where}: data_offsets span {end - start} bytes, but shape {shape} of "
+                       f"{dtype} needs {nbytes}")
+    return dtypes[dtype], tuple(shape), start, end
+
+
+def read_safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """({name: (dtype, shape, start, end)}, data start) of an open safetensors file, every
+    entry checked against the file's size; any problem is one JaxdiffError line naming `path`."""
+    dtypes = _safetensors_dtypes()
+    try:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise _Corrupt(f"{size} bytes is too short for the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", raw)
+        if not 0 < header_len <= MAX_HEADER_BYTES:
+            raise _Corrupt(f"header length {header_len} is not in 1..{MAX_HEADER_BYTES}")
+        if 8 + header_len > size:
+            raise _Corrupt(f"header length {header_len} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _Corrupt(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise _Corrupt(f"header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict):
+            raise _Corrupt("__metadata__ is not an object")
+        data_start = 8 + header_len
+        entries = {name: _check_entry(name, info, size - data_start, dtypes)
+                   for name, info in header.items()}
+    except _Corrupt as e:
+        raise JaxdiffError(f"{path} is not a valid safetensors file: {e}; re-download it") from None
+    return entries, data_start
+
+
+def safetensors_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file (its header only, validated)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return list(read_safetensors_header(f, path, path.stat().st_size)[0])
+
+
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) pairs of a safetensors file, read one tensor at a time into a fresh array.
 
-    Plain reads, not a memory map: pages of a map stay resident (and counted) until it is
-    closed, which would add the whole file to the loader's peak memory; here only the tensor
-    being converted is held besides what the caller keeps."""
+    The whole header is validated first (see `read_safetensors_header`). Plain reads, not a
+    memory map: pages of a map stay resident (and counted) until it is closed, which would add
+    the whole file to the loader's peak memory; here only the tensor being converted is held
+    besides what the caller keeps."""
     path = Path(path)
-    dtypes = _safetensors_dtypes()
     size = path.stat().st_size
     with open(path, "rb") as f:
-        try:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(header_len))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise JaxdiffError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
-        header.pop("__metadata__", None)
-        data_start = 8 + header_len
-        data_len = size - data_start
-        for name, info in header.items():
-            try:
-                dtype = dtypes[info["dtype"]]
-                start, end = info["data_offsets"]
-                shape = tuple(info["shape"])
-            except KeyError as e:
-                raise JaxdiffError(f"{path}: tensor {name!r} has an unsupported or missing {e}") from None
-            count = int(np.prod(shape)) if shape else 1
-            if end - start != count * np.dtype(dtype).itemsize or end > data_len:
-                raise JaxdiffError(f"{path}: tensor {name!r} is truncated or corrupt; re-download the file")
+        entries, data_start = read_safetensors_header(f, path, size)
+        for name, (dtype, shape, start, end) in entries.items():
             array = np.empty(shape, dtype)
             f.seek(data_start + start)
             if f.readinto(array.reshape(-1).view(np.uint8)) != end - start:
@@ -360,12 +450,14 @@ def _report(source: str, flat_template: Mapping, filled: Mapping, unused: list[s
 def load_params(folder: Path, template: Mapping, *, variant: str | None = None,
                 torch_rename: Rename | None = None, flax_rename: Rename | None = None,
                 ignore: Callable[[str], bool] | None = None,
-                msgpack_root: str | None = None, dtype=None) -> Params:
+                msgpack_root: str | None = None, dtype=None,
+                allow_outside_paths: bool = False) -> Params:
     """Load the weights of `folder` (see `find_weights`) onto `template`.
 
     `msgpack_root` strips a top-level key some Flax checkpoints carry (transformers' CLIP
-    text model saves under its own name); `dtype` overrides the template's dtype."""
-    files = find_weights(folder, variant)
+    text model saves under its own name); `dtype` overrides the template's dtype;
+    `allow_outside_paths` lets a shard index name files outside `folder`."""
+    files = find_weights(folder, variant, allow_outside_paths=allow_outside_paths)
     if files[0].suffix == ".msgpack":
         tree = read_msgpack(files[0])
         if msgpack_root and msgpack_root in tree and len(tree) == 1:
@@ -423,3 +515,28 @@ def save_json(obj: Mapping, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def save_model_folder(folder: str | os.PathLike, params: Mapping, template: Mapping, config: Mapping,
+                      *, weights_name: str = "diffusion_pytorch_model", dtype=np.float32,
+                      variant: str | None = None, rename: Rename | None = None) -> Path:
+    """Write `params` (checked against `template`: same names, same shapes) as a diffusers /
+    transformers folder: `<weights_name>[.<variant>].safetensors` in PyTorch names and layouts,
+    and `config.json` (the config's `to_dict()`). Each file is written atomically."""
+    folder = Path(folder).expanduser()
+    flat, flat_template = flatten(params), flatten(template)
+    if set(flat) != set(flat_template):
+        extra = sorted("/".join(k) for k in set(flat) - set(flat_template))
+        missing = sorted("/".join(k) for k in set(flat_template) - set(flat))
+        raise JaxdiffError(f"params do not match the module: missing {missing[:3]}, unexpected "
+                           f"{extra[:3]}; pass the params that belong to this module")
+    for path, value in flat.items():
+        if tuple(np.shape(value)) != _shape_of(flat_template[path]):
+            raise JaxdiffError(f"parameter {'/'.join(path)} has shape {tuple(np.shape(value))}, the "
+                               f"module expects {_shape_of(flat_template[path])}")
+    import jax
+
+    state = flax_to_torch_state(jax.device_get(params), dtype=dtype, rename=rename)
+    save_safetensors(state, folder / (weights_name + (f".{variant}" if variant else "") + ".safetensors"))
+    save_json(config, folder / "config.json")
+    return folder

@@ -20,20 +20,21 @@ import dataclasses
 import time
 from pathlib import Path
 
-from jaxdiff.errors import JaxdiffError, cli_main
+from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
+                         in_range, positive, program_parser)
+from jaxdiff.errors import JaxdiffError
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sample.stable_diffusion", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("python -m sample.stable_diffusion", __doc__)
     p.add_argument("--model-dir", required=True, help="diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
     p.add_argument("--steps", type=int, default=50, help="number of inference steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 rescale, 0..1 (default 0)")
+    p.add_argument("--guidance-scale", type=finite_float, default=7.5)
+    p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale, 0..1 (default 0)")
     p.add_argument("--scheduler", default=None,
                    help="sampler: pndm, ddim, euler, euler-ancestral, dpm++, lms, ... (default: the folder's)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
@@ -41,32 +42,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=None, help="default 1 (or the batch of --latents)")
     p.add_argument("--init-image", default=None, help="img2img: start from this image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run (0..1]")
+    p.add_argument("--strength", type=finite_float, default=0.8, help="img2img: how much of the schedule to run (0..1]")
     p.add_argument("--latents", default=None, help="initial latents, NCHW float32 .npy (as diffusers takes them)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16", help="UNet compute dtype")
     p.add_argument("--vae-dtype", choices=("bf16", "fp32", "fp16"), default=None,
                    help="default: fp32 when the VAE config says force_upcast, else --dtype")
     p.add_argument("--variant", default=None, help='weight variant to load, e.g. "fp16"')
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let a shard index (*.safetensors.index.json) name files outside the model folder")
     p.add_argument("--devices", choices=("all", "one"), default="all",
                    help="all: pmap over the local devices when the images split evenly (default)")
-    p.add_argument("--compile-cache", default=None, help="XLA compilation cache folder (default ~/.cache/jaxdiff/xla)")
-    p.add_argument("--no-compile-cache", action="store_true")
+    add_compile_cache_flags(p, folder=True)
     p.add_argument("--out", required=True, help="folder for the PNGs")
     return p.parse_args(argv)
 
 
 def _check(args) -> None:
-    if args.steps < 1:
-        raise JaxdiffError(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images is not None and args.num_images < 1:
-        raise JaxdiffError(f"--num-images must be >= 1, got {args.num_images}")
+    at_least(args, 1, "steps", "num_images")
     if args.init_image and args.latents:
         raise JaxdiffError("--init-image and --latents exclude each other: img2img draws its own noise "
                            "from --seed")
-    if args.init_image and not 0.0 < args.strength <= 1.0:
-        raise JaxdiffError(f"--strength must be in (0, 1], got {args.strength}")
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        raise JaxdiffError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.init_image:
+        positive(args, "strength")
+        in_range(args, 0.0, 1.0, "strength", include_high=True)
+    in_range(args, 0.0, 1.0, "guidance_rescale", include_high=True)
     for flag, path in (("--model-dir", args.model_dir), ("--latents", args.latents),
                        ("--init-image", args.init_image)):
         if path and not Path(path).exists():
@@ -107,10 +106,7 @@ def main(argv=None) -> list[Path]:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jaxdiff.compile_cache import enable_compilation_cache
-
-    if not args.no_compile_cache:
-        enable_compilation_cache(args.compile_cache)
+    enable_compile_cache(args)
     dtype = jnp.dtype(DTYPES[args.dtype])
     vae_dtype = jnp.dtype(DTYPES[args.vae_dtype]) if args.vae_dtype else None
     times: dict[str, float] = {}
@@ -126,12 +122,13 @@ def _run(args, bar, times: dict, dtype, vae_dtype) -> list[Path]:
     import numpy as np
     from PIL import Image
 
+    from jaxdiff import parallel as devices
     from jaxdiff.pipelines import stable_diffusion as sd
-
 
     t0 = time.perf_counter()
     pipe, params = sd.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
-                                    variant=args.variant, scheduler=args.scheduler)
+                                    variant=args.variant, scheduler=args.scheduler,
+                                    allow_outside_paths=args.allow_outside_paths)
     times["load"] = time.perf_counter() - t0
     bar.update(1)
 
@@ -156,7 +153,7 @@ def _run(args, bar, times: dict, dtype, vae_dtype) -> list[Path]:
     config.size(pipe)  # validates height/width against the VAE factor
 
     ids, neg = sd.tokenize_prompts(pipe, [args.prompt] * num_images, args.negative_prompt)
-    n_dev = jax.local_device_count()
+    n_dev = devices.device_count()
     parallel = args.devices == "all" and n_dev > 1 and num_images % n_dev == 0
     key = jax.random.key(args.seed)
 

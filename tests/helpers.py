@@ -187,3 +187,14 @@ def vp_weight(state) -> np.ndarray:
     """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
     t = np.asarray(state.loop_timesteps).astype(np.int64)
     return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])
+
+
+def perturb(torch_model, scale: float = 0.02):
+    """Add N(0, scale²) noise to every parameter of a PyTorch model, in place (from torch's
+    global generator: seed it first), so no weight is zero and every path matters; returns it."""
+    import torch
+
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return torch_model

@@ -14,8 +14,10 @@ import torch
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError
+from helpers import nhwc, perturb, rel_err
 from jaxdiff.models.autoencoder_kl import (AutoencoderKLConfig, DiagonalGaussianDistribution,
-                                           decode_dtype, load_vae, scale_latents, unscale_latents)
+                                           decode_dtype, load_autoencoder_kl, scale_latents,
+                                           unscale_latents)
 
 RTOL = 1e-4
 CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
@@ -23,24 +25,12 @@ CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channe
               layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 @pytest.fixture(scope="module")
 def torch_vae(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    model = AutoencoderKL(**CONFIG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model = perturb(AutoencoderKL(**CONFIG).eval())
     folder = tmp_path_factory.mktemp("vae")
     model.save_pretrained(folder)
     return model, folder
@@ -54,7 +44,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def ours(torch_vae):
-    vae, params = load_vae(torch_vae[1], subfolder=None)
+    vae, params = load_autoencoder_kl(torch_vae[1], subfolder=None)
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
     decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
     return vae, params, encode, decode
@@ -98,7 +88,7 @@ def test_old_attention_names_with_conv_shaped_weights_load(torch_vae, ours, tmp_
     assert any(".query.weight" in k and state[k].ndim == 4 for k in state)
     W.save_safetensors(state, tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    _, old = load_vae(tmp_path, subfolder=None)
+    _, old = load_autoencoder_kl(tmp_path, subfolder=None)
     flat_new, flat_old = W.flatten(params), W.flatten(old)
     assert flat_new.keys() == flat_old.keys()
     for k in flat_new:
@@ -107,8 +97,8 @@ def test_old_attention_names_with_conv_shaped_weights_load(torch_vae, ours, tmp_
 
 def test_flax_msgpack_and_safetensors_fixtures_agree(fixtures_dir):
     """The old Flax VAE (query/key/value/proj_attn names) and its PyTorch twin."""
-    _, flax_params = load_vae(fixtures_dir / "tiny-sd-flax-v1")
-    _, pt_params = load_vae(fixtures_dir / "tiny-sd-pt-v1")
+    _, flax_params = load_autoencoder_kl(fixtures_dir / "tiny-sd-flax-v1")
+    _, pt_params = load_autoencoder_kl(fixtures_dir / "tiny-sd-pt-v1")
     flat_f, flat_p = W.flatten(flax_params), W.flatten(pt_params)
     assert flat_f.keys() == flat_p.keys()
     for k in flat_f:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import nchw, rel_err
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import clip as C
@@ -23,11 +24,6 @@ from jaxdiff.tokenizer import PromptTruncatedWarning, load_tokenizer, tokenize
 RTOL = 1e-4
 VOCAB = 99  # token 98 is the end-of-text token: the highest id, as in OpenAI's vocabulary
 EOS = VOCAB - 1
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def text_config(**kw) -> dict:
@@ -56,10 +52,6 @@ def token_ids(batch=3, length=16, seed=0) -> np.ndarray:
 
 def images(batch=2, size=32, seed=1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +188,7 @@ def torch_text_encoder_output(folder, ids):
 def test_sd1_text_encoder_fixtures_match_transformers(fixtures_dir, sd_prompt_ids, pipeline):
     want_last, want_pooled = torch_text_encoder_output(fixtures_dir / "tiny-sd-pt-v1" / "text_encoder",
                                                        sd_prompt_ids)
-    module, params = C.load_text_encoder(fixtures_dir / pipeline)
+    module, params = C.load_clip_text_encoder(fixtures_dir / pipeline)
     assert isinstance(module, C.CLIPTextModel)
     out = jax.jit(module.apply)({"params": params}, sd_prompt_ids)
     assert out.last_hidden_state.shape == (3, 77, 32)
@@ -213,7 +205,7 @@ def test_sd2_text_encoder_fixture_matches_transformers(fixtures_dir, tmp_path):
     folder = fixtures_dir / "tiny-sd-flax-v2"
     ids = tokenize(load_tokenizer(folder), ["a photo of an astronaut riding a horse", "a red apple"])
     assert (ids[:, -1] == 0).all()  # padded with '!' (id 0), not the end-of-text token
-    module, params = C.load_text_encoder(folder)
+    module, params = C.load_clip_text_encoder(folder)
     assert module.config.hidden_act == "gelu"
     out = module.apply({"params": params}, ids)
     model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")).eval()

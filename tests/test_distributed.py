@@ -75,7 +75,7 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
     """Two processes with one device each, 6 steps, against the one-process two-device
     reference run at its step-6 checkpoint (the same flags; a constant learning rate, so the
     run's length does not change its first steps)."""
-    from jaxdiff.models.unet_2d_condition import load_unet
+    from jaxdiff.models.unet_2d_condition import load_unet_2d_condition
 
     data, reference = reference_run
     multi = tmp_path / "multi"
@@ -106,5 +106,5 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
         (a, meta_multi), (b, meta_single) = checkpoint_part(multi, 6, part), checkpoint_part(reference, 6, part)
         assert_trees_equal(a, b)
     assert meta_multi["data"] == meta_single["data"]
-    _, exported = load_unet(multi / "unet")  # the EMA weights, written by process 0
+    _, exported = load_unet_2d_condition(multi / "unet")  # the EMA weights, written by process 0
     assert_trees_equal(exported, checkpoint_part(reference, 6, "ema_params")[0])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import nhwc
 from jaxdiff.models.attention import Attention
 from jaxdiff.models.layers import (Downsample2D, GaussianFourierProjection, GroupNorm,
                                    ResnetBlock2D, TimestepEmbedding, Upsample2D,
@@ -19,10 +20,6 @@ from jaxdiff.models.layers import (Downsample2D, GaussianFourierProjection, Grou
 from jaxdiff.weights import torch_state_to_flax
 
 ATOL = 1e-5
-
-
-def to_nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def port(torch_module: torch.nn.Module, flax_module, *inputs, **kwargs):
@@ -97,8 +94,8 @@ def test_resnet_block_matches_diffusers(kwargs):
     ref = Ref(temb_channels=16, groups=8, eps=1e-5, **kwargs).eval()
     x, temb = torch.randn(2, kwargs["in_channels"], 8, 8), torch.randn(2, 16)
     ours = ResnetBlock2D(temb_channels=16, groups=8, eps=1e-5, **kwargs)
-    got = port(ref, ours, jnp.asarray(to_nhwc(x)), jnp.asarray(temb.numpy()))
-    np.testing.assert_allclose(got, to_nhwc(ref(x, temb)), atol=ATOL)
+    got = port(ref, ours, jnp.asarray(nhwc(x)), jnp.asarray(temb.numpy()))
+    np.testing.assert_allclose(got, nhwc(ref(x, temb)), atol=ATOL)
 
 
 @pytest.mark.parametrize("use_conv,padding", [(True, 1), (True, 0), (False, 1)])
@@ -107,8 +104,8 @@ def test_downsample_matches_diffusers(use_conv, padding):
 
     ref = Ref(16, use_conv=use_conv, out_channels=16, padding=padding)
     x = torch.randn(2, 16, 9 if padding == 0 else 8, 8)
-    got = port(ref, Downsample2D(16, use_conv=use_conv, padding=padding), jnp.asarray(to_nhwc(x)))
-    np.testing.assert_allclose(got, to_nhwc(ref(x)), atol=ATOL)
+    got = port(ref, Downsample2D(16, use_conv=use_conv, padding=padding), jnp.asarray(nhwc(x)))
+    np.testing.assert_allclose(got, nhwc(ref(x)), atol=ATOL)
 
 
 @pytest.mark.parametrize("output_size", [None, (7, 5)])
@@ -117,8 +114,8 @@ def test_upsample_matches_diffusers(output_size):
 
     ref = Ref(16, use_conv=True)
     x = torch.randn(2, 16, 4, 3)
-    got = port(ref, Upsample2D(16, use_conv=True), jnp.asarray(to_nhwc(x)), output_size)
-    np.testing.assert_allclose(got, to_nhwc(ref(x, output_size=output_size)), atol=ATOL)
+    got = port(ref, Upsample2D(16, use_conv=True), jnp.asarray(nhwc(x)), output_size)
+    np.testing.assert_allclose(got, nhwc(ref(x, output_size=output_size)), atol=ATOL)
 
 
 def test_spatial_self_attention_matches_diffusers():
@@ -131,8 +128,8 @@ def test_spatial_self_attention_matches_diffusers():
     x = torch.randn(2, 32, 6, 5)
     ours = Attention(32, heads=4, dim_head=8, bias=True, norm_num_groups=8, eps=1e-6,
                      residual_connection=True, rescale_output_factor=2.0)
-    got = port(ref, ours, jnp.asarray(to_nhwc(x)))
-    np.testing.assert_allclose(got, to_nhwc(ref(x)), atol=ATOL)
+    got = port(ref, ours, jnp.asarray(nhwc(x)))
+    np.testing.assert_allclose(got, nhwc(ref(x)), atol=ATOL)
 
 
 def test_cross_attention_matches_diffusers():

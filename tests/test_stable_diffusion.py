@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import nhwc, perturb
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.pipelines import stable_diffusion as sd
 
@@ -33,17 +34,6 @@ CONFIG = sd.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
 
 def noise(shape_nchw, seed=0) -> torch.Tensor:
     return torch.randn(*shape_nchw, generator=torch.Generator().manual_seed(seed))
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
-
-
-def perturb(model, scale=0.02):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
 
 
 def build_sd2_folder(folder, fixtures_dir):

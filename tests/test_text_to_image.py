@@ -443,9 +443,9 @@ def fixed_eval_loss(losses, cache, unet_params):
 
 
 def test_training_lowers_the_loss(trained, sd, losses, cache):
-    from jaxdiff.models.unet_2d_condition import load_unet
+    from jaxdiff.models.unet_2d_condition import load_unet_2d_condition
 
-    _, after = load_unet(trained / "unet")
+    _, after = load_unet_2d_condition(trained / "unet")
     assert fixed_eval_loss(losses, cache, after) < 0.8 * fixed_eval_loss(losses, cache, sd[1]["unet"])
     records = read_jsonl(trained / "logs" / "metrics.jsonl")
     assert [r["step"] for r in records if "eval_loss" in r] == [20]
@@ -456,10 +456,10 @@ def test_the_export_holds_the_ema_weights_and_loads_in_diffusers_with_the_same_o
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from jaxdiff.models.unet_2d_condition import load_unet
+    from jaxdiff.models.unet_2d_condition import load_unet_2d_condition
     from jaxdiff.training import Checkpointer
 
-    module, exported = load_unet(trained / "unet")
+    module, exported = load_unet_2d_condition(trained / "unet")
     ckpt = Checkpointer(trained / "checkpoints", create=False)
     ema, meta = ckpt.restore_part(40, "ema_params")
     params, _ = ckpt.restore_part(40, "params")

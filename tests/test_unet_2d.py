@@ -19,7 +19,9 @@ import torch
 from diffusers import UNet2DModel as RefUNet
 
 from jaxdiff.errors import JaxdiffError
-from jaxdiff.models.unet_2d import UNet2DModel, load_unet_2d, param_template, save_unet_2d
+from helpers import assert_rel_close, nhwc, perturb
+from jaxdiff.models.unet_2d import (UNet2DConfig, UNet2DModel, init_params, load_unet_2d, param_shapes,
+                                     save_unet_2d)
 from jaxdiff.weights import iter_safetensors, save_safetensors
 
 RTOL = 1e-4
@@ -58,23 +60,13 @@ IDENTITY_NO_ATTENTION = dict(
     flip_sin_to_cos=False, act_fn="relu")
 
 
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def assert_close(got, want, rtol=RTOL):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    err = np.abs(got - want).max() / np.abs(want).max()
-    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+    assert_rel_close(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol)
 
 
 def build_reference(folder, seed=0, **config) -> RefUNet:
     torch.manual_seed(seed)
-    ref = RefUNet(**config).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    ref = perturb(RefUNet(**config).eval())
     ref.save_pretrained(folder)
     return ref
 
@@ -166,7 +158,7 @@ def test_fp16_variant_loads_and_matches_the_half_precision_weights(course, tmp_p
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(course):
-    module = UNet2DModel.from_config(COURSE, dtype=jnp.bfloat16)
+    module = UNet2DModel(UNet2DConfig.from_dict(COURSE), dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
     t = jnp.array([50, 900])
     got = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t))(course.params, x, t)
@@ -176,10 +168,10 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close(course):
 
 
 def test_scalar_timestep_broadcasts_over_the_batch():
-    module = UNet2DModel(**{**IDENTITY_NO_ATTENTION, "class_embed_type": None})
+    module = UNet2DModel(UNet2DConfig(**{**IDENTITY_NO_ATTENTION, "class_embed_type": None}))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
-                                    param_template(module))
+                                    param_shapes(module))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
     forward = jitted(module)
     # Same program up to the broadcast; XLA may fuse differently, hence not bit-exact.
@@ -268,13 +260,25 @@ def test_weights_that_do_not_match_the_config_are_refused(course, tmp_path):
 ])
 def test_bad_config_values_get_one_clear_error(change, message):
     with pytest.raises(JaxdiffError, match=message):
-        UNet2DModel.from_config({**COURSE, **change})
+        UNet2DConfig.from_dict({**COURSE, **change})
 
 
 def test_unknown_config_keys_are_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="cross_attention_dim"):
-        module = UNet2DModel.from_config({**COURSE, "cross_attention_dim": 8, "_diffusers_version": "0.1"})
-    assert module.block_out_channels == (32, 64, 64)
+        config = UNet2DConfig.from_dict({**COURSE, "cross_attention_dim": 8, "_diffusers_version": "0.1"})
+    assert config.block_out_channels == (32, 64, 64)
+
+
+def test_config_round_trips_through_its_diffusers_dict_and_is_hashable(course):
+    config = course.module.config
+    saved = json.loads((course.folder / "config.json").read_text())
+    assert UNet2DConfig.from_dict(saved) == config
+    assert UNet2DConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.to_dict()["_class_name"] == "UNet2DModel"
+    for key, value in config.to_dict().items():  # the keys and JSON values diffusers writes
+        assert key.startswith("_") or saved[key] == value, key
+    assert hash(config) == hash(UNet2DConfig.from_dict(saved))
+    assert UNet2DConfig.from_dict({**COURSE, "sample_size": [28, 28]}).image_size == (28, 28)
 
 
 @pytest.mark.parametrize("shape,message", [
@@ -295,8 +299,8 @@ def test_bad_timestep_and_class_label_inputs_are_refused(course):
         apply(x, jnp.zeros((3,)))
     with pytest.raises(JaxdiffError, match="no class embedding"):
         apply(x, 1, jnp.zeros((2,), jnp.int32))
-    conditional = UNet2DModel.from_config({**COURSE, "num_class_embeds": 10})
-    params = jax.eval_shape(conditional.init_weights, jax.random.PRNGKey(0))
+    conditional = UNet2DModel(UNet2DConfig.from_dict({**COURSE, "num_class_embeds": 10}))
+    params = jax.eval_shape(lambda key: init_params(conditional, key), jax.random.PRNGKey(0))
     with pytest.raises(JaxdiffError, match="pass class_labels"):
         jax.eval_shape(conditional.apply, {"params": params}, x, 1)
     with pytest.raises(JaxdiffError, match="integer class ids"):

@@ -19,8 +19,9 @@ import torch
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError
+from helpers import nchw, perturb, rel_err
 from jaxdiff.models.unet_2d_condition import (UNet2DConditionConfig, UNet2DConditionModel,
-                                              load_unet)
+                                              load_unet_2d_condition)
 
 RTOL = 1e-4
 
@@ -42,24 +43,11 @@ CONFIGS = {
 }
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 def torch_unet(config: dict, seed: int = 0):
     from diffusers import UNet2DConditionModel as Ref
 
     torch.manual_seed(seed)
-    model = Ref(**config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturb(Ref(**config).eval())
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +82,7 @@ def test_unet_matches_diffusers(unets, name, size):
     """SD1 and SD2 settings; (10, 14) is not divisible by 2**2, so the upsamplers take the skip
     connections' sizes (diffusers' forward_upsample_size)."""
     model, folder = unets[name]
-    unet, params = load_unet(folder, subfolder=None)
+    unet, params = load_unet_2d_condition(folder, subfolder=None)
     x, t, ctx = inputs(CONFIGS[name], 2, *size)
     got = jax.jit(unet.apply)({"params": params}, x, t, ctx)
     assert got.shape == x.shape[:3] + (4,) and got.dtype == jnp.float32
@@ -103,7 +91,7 @@ def test_unet_matches_diffusers(unets, name, size):
 
 def test_class_conditioned_unet_matches_diffusers(unets):
     model, folder = unets["class"]
-    unet, params = load_unet(folder, subfolder=None)
+    unet, params = load_unet_2d_condition(folder, subfolder=None)
     x, t, ctx = inputs(CONFIGS["class"], 2, 8, 8)
     labels = np.array([3, 0])
     got = jax.jit(unet.apply)({"params": params}, x, t, ctx, labels)
@@ -115,13 +103,13 @@ def test_class_conditioned_unet_matches_diffusers(unets):
 def test_flax_msgpack_and_safetensors_fixtures_load_the_same_weights(fixtures_dir):
     """tiny-sd-flax-v1 (old diffusers Flax msgpack) and tiny-sd-pt-v1 (PyTorch safetensors)
     hold the same weights: both load onto the same tree, bit for bit."""
-    _, flax_params = load_unet(fixtures_dir / "tiny-sd-flax-v1")
-    _, pt_params = load_unet(fixtures_dir / "tiny-sd-pt-v1")
+    _, flax_params = load_unet_2d_condition(fixtures_dir / "tiny-sd-flax-v1")
+    _, pt_params = load_unet_2d_condition(fixtures_dir / "tiny-sd-pt-v1")
     flat_f, flat_p = W.flatten(flax_params), W.flatten(pt_params)
     assert flat_f.keys() == flat_p.keys()
     for k in flat_f:
         np.testing.assert_array_equal(flat_f[k], flat_p[k], err_msg="/".join(k))
-    unet, v2 = load_unet(fixtures_dir / "tiny-sd-flax-v2")  # SD2 layout: linear projections
+    unet, v2 = load_unet_2d_condition(fixtures_dir / "tiny-sd-flax-v2")  # SD2 layout: linear projections
     assert unet.config.use_linear_projection and unet.config.heads_per_block == (2, 4)
     assert v2["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape == (32, 32)
 
@@ -130,18 +118,18 @@ def test_fp16_variant_loads_in_the_requested_dtype(tmp_path):
     model = torch_unet(CONFIGS["sd1"], seed=1).half()
     model.save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    _, params = load_unet(tmp_path, subfolder=None, variant="fp16", param_dtype=jnp.float32)
+    _, params = load_unet_2d_condition(tmp_path, subfolder=None, variant="fp16", param_dtype=jnp.float32)
     kernel = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]["kernel"]
     want = model.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.detach()
     np.testing.assert_array_equal(kernel, want.float().numpy().T)
-    _, bf16 = load_unet(tmp_path, subfolder=None, variant="fp16", dtype=jnp.bfloat16)
+    _, bf16 = load_unet_2d_condition(tmp_path, subfolder=None, variant="fp16", dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(bf16))
 
 
 def test_bfloat16_compute_stays_close_to_float32(unets):
     """bf16 activations (8-bit mantissa) over ~40 layers: a few percent of the output scale."""
     _, folder = unets["sd1"]
-    unet32, params = load_unet(folder, subfolder=None)
+    unet32, params = load_unet_2d_condition(folder, subfolder=None)
     x, t, ctx = inputs(CONFIGS["sd1"], 2, 16, 16)
     want = jax.jit(unet32.apply)({"params": params}, x, t, ctx)
     unet16 = UNet2DConditionModel(unet32.config, dtype=jnp.bfloat16)
@@ -158,7 +146,7 @@ def test_shape_mismatch_names_the_file_and_the_parameter(unets, tmp_path):
     config["cross_attention_dim"] = 48
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(JaxdiffError, match=r"unet/diffusion_pytorch_model.safetensors.*attn2\.to_k"):
-        load_unet(bad, subfolder=None)
+        load_unet_2d_condition(bad, subfolder=None)
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -240,10 +240,10 @@ def _training_scheduler(opts: dict, model_dir: Path):
 def export(out: Path, pipe, unet_params, *, with_pipeline: bool = True) -> Path:
     """RUN/unet as a diffusers folder; with `with_pipeline`, the model's other components and
     a model_index.json beside it, so RUN is a pipeline folder."""
-    from jaxdiff.models.unet_2d_condition import save_unet
+    from jaxdiff.models.unet_2d_condition import save_unet_2d_condition
     from jaxdiff.weights import read_json, save_json
 
-    save_unet(out / "unet", pipe.unet, unet_params)
+    save_unet_2d_condition(out / "unet", pipe.unet, unet_params)
     src = Path(pipe.folder) if pipe.folder is not None else None
     if with_pipeline and src is not None and src.resolve() != out.resolve():
         for component in COPIED_COMPONENTS:

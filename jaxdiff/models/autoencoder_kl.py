@@ -1,6 +1,6 @@
 """diffusers' `AutoencoderKL` in Flax: the Stable Diffusion VAE (Rombach et al. 2022).
 
-    vae, params = load_vae("path/to/stable-diffusion")          # the pipeline's vae/ folder
+    vae, params = load_autoencoder_kl("path/to/stable-diffusion")   # the pipeline's vae/ folder
     posterior = vae.apply({"params": params}, images, method=vae.encode)   # images NHWC in [-1, 1]
     latents = scale_latents(vae.config, posterior.sample(key))              # × scaling_factor
     images = vae.apply({"params": params}, unscale_latents(vae.config, latents), method=vae.decode)
@@ -8,7 +8,7 @@
 Names are diffusers' (`encoder/down_blocks_0/resnets_1/conv1`, `decoder/mid_block/attentions_0/to_q`,
 `quant_conv`, `post_quant_conv`). Old checkpoints that name the mid-block attention
 `query/key/value/proj_attn` (the diffusers Flax VAE, and early PyTorch SD VAEs, some with 1×1-conv
-shaped weights) load through the renames in `load_vae`.
+shaped weights) load through the renames in `load_autoencoder_kl`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
+from jaxdiff.models.config import diffusers_dict, freeze_fields, known_keys
 from jaxdiff.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D
 
@@ -53,10 +54,15 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AutoencoderKLConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        """From a diffusers `config.json` dict; other keys are ignored."""
+        return cls(**known_keys(cls, d))
+
+    def to_dict(self) -> dict:
+        """The diffusers `config.json` dict."""
+        return diffusers_dict(self, "AutoencoderKL")
 
     def __post_init__(self):
+        freeze_fields(self)
         for t in self.down_block_types:
             if t not in DOWN_BLOCK_TYPES:
                 raise unknown_choice("VAE down block type", t, DOWN_BLOCK_TYPES)
@@ -311,13 +317,16 @@ def init_params(module: AutoencoderKL, key: jax.Array, param_dtype=jnp.float32) 
 VAE_CLASSES = ("AutoencoderKL",)
 
 
-def load_vae(folder: str | os.PathLike, *, subfolder: str | None = "vae", dtype=jnp.float32,
-             param_dtype=None, variant: str | None = None) -> tuple[AutoencoderKL, dict]:
+def load_autoencoder_kl(folder: str | os.PathLike, *, subfolder: str | None = "vae", dtype=jnp.float32,
+                        param_dtype=None, variant: str | None = None,
+                        allow_outside_paths: bool = False) -> tuple[AutoencoderKL, dict]:
     """`(module, params)` from a diffusers `AutoencoderKL` folder (or a pipeline's `vae/`),
-    safetensors (current or old attention names) or the old Flax msgpack."""
+    safetensors (current or old attention names) or the old Flax msgpack.
+    `allow_outside_paths`: see `jaxdiff.weights.find_weights`."""
     path, raw = W.read_config(folder, subfolder, expect_class=VAE_CLASSES)
     module = AutoencoderKL(AutoencoderKLConfig.from_dict(raw), dtype=dtype)
     param_dtype = param_dtype or dtype
     params = W.load_params(path, param_shapes(module, param_dtype), variant=variant, dtype=param_dtype,
-                           torch_rename=_torch_rename, flax_rename=_flax_rename)
+                           torch_rename=_torch_rename, flax_rename=_flax_rename,
+                           allow_outside_paths=allow_outside_paths)
     return module, params

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.errors import JaxdiffError
-from jaxdiff.models.unet_2d import UNet2DModel
+from jaxdiff.models.unet_2d import UNet2DConfig, UNet2DModel
 
 # The course's UNet around the embedding (`in_channels` is 1 + class_emb_size).
 COURSE_UNET = dict(
@@ -61,7 +61,7 @@ class ClassConditionedUnet(nn.Module):
                            embedding_init=nn.initializers.normal(1.0), name="class_emb")(labels)
             emb = jnp.broadcast_to(emb[:, None, None, :], (b, h, w, self.class_emb_size)).astype(x.dtype)
             x = jnp.concatenate([x, emb], axis=-1)
-        return self.model(x, t, labels if self.model.num_class_embeds else None)
+        return self.model(x, t, labels if self.model.config.num_class_embeds else None)
 
     # ---------------------------------------------------------------- config
     @classmethod
@@ -72,18 +72,18 @@ class ClassConditionedUnet(nn.Module):
         config = {**COURSE_UNET, **unet_config, "in_channels": unet_config.get("in_channels", 1) + class_emb_size}
         if unet_class_embedding:
             config["num_class_embeds"] = num_classes + int(null_class)
-        return cls(model=UNet2DModel.from_config(config, dtype=dtype), num_classes=num_classes,
+        return cls(model=UNet2DModel(UNet2DConfig.from_dict(config), dtype=dtype), num_classes=num_classes,
                    class_emb_size=class_emb_size, null_class=null_class)
 
     def to_config(self) -> dict:
         return {"_class_name": "ClassConditionedUnet", "num_classes": self.num_classes,
                 "class_emb_size": self.class_emb_size, "null_class": self.null_class,
-                "unet": self.model.to_config()}
+                "unet": self.model.config.to_dict()}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dtype=jnp.float32) -> "ClassConditionedUnet":
         try:
-            unet = UNet2DModel.from_config(config["unet"], dtype=dtype)
+            unet = UNet2DModel(UNet2DConfig.from_dict(config["unet"]), dtype=dtype)
             return cls(model=unet, num_classes=int(config["num_classes"]),
                        class_emb_size=int(config["class_emb_size"]),
                        null_class=bool(config.get("null_class", False)))
@@ -92,9 +92,8 @@ class ClassConditionedUnet(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = self.model.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return h, w, self.model.in_channels - self.class_emb_size
+        h, w = self.model.config.image_size
+        return h, w, self.model.config.in_channels - self.class_emb_size
 
     def _init_params(self, rng: jax.Array) -> dict:
         h, w, c = self.image_shape

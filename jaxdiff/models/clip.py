@@ -22,7 +22,6 @@ dict (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`, ...)
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
@@ -34,6 +33,7 @@ from flax import linen as nn
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
+from jaxdiff.models.config import fields_dict, known_keys
 
 Array = jax.Array
 
@@ -43,8 +43,7 @@ Array = jax.Array
 
 
 def _from_dict(cls, d: Mapping[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    return _check_config(cls(**known_keys(cls, d)))
 
 
 def _pair(v) -> tuple[int, int]:
@@ -74,7 +73,11 @@ class CLIPTextConfig:
         d = dict(d)
         if isinstance(d.get("eos_token_id"), (list, tuple)):
             d["eos_token_id"] = d["eos_token_id"][0]
-        return _check_config(_from_dict(cls, d))
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        """The transformers `config.json` keys of a `CLIPTextModel`."""
+        return {"model_type": "clip_text_model", **fields_dict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +95,11 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
-        d = dict(d)
-        for k in ("image_size", "patch_size"):
-            if isinstance(d.get(k), list):
-                d[k] = tuple(d[k])
-        return _check_config(_from_dict(cls, d))
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        """The transformers `config.json` keys of a `CLIPVisionModel`."""
+        return {"model_type": "clip_vision_model", **fields_dict(self)}
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -120,6 +123,12 @@ class CLIPConfig:
                    vision_config=CLIPVisionConfig.from_dict(vision),
                    projection_dim=int(d.get("projection_dim", 512)),
                    logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)))
+
+    def to_dict(self) -> dict:
+        """The transformers `config.json` keys of a `CLIPModel`."""
+        return {"model_type": "clip", "text_config": self.text_config.to_dict(),
+                "vision_config": self.vision_config.to_dict(), "projection_dim": self.projection_dim,
+                "logit_scale_init_value": self.logit_scale_init_value}
 
 
 def _check_config(config):
@@ -480,7 +489,7 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safet
 
 def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
               param_dtype=jnp.float32, hidden_act: str | None = None,
-              variant: str | None = None) -> tuple[nn.Module, dict]:
+              variant: str | None = None, allow_outside_paths: bool = False) -> tuple[nn.Module, dict]:
     """`(module, params)` from a transformers CLIP folder or an OpenAI/open_clip ViT state dict.
 
     `path`: a transformers folder (config.json + model.safetensors or flax_model.msgpack; a
@@ -488,7 +497,8 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
     or an open_clip-layout `*.safetensors` file. `dtype` is the compute dtype, `param_dtype` the
     dtype of the loaded parameters. `hidden_act` overrides the activation of an open_clip state
     dict, which does not record it (default: OpenAI's `quick_gelu`, or what an
-    `open_clip_config.json` beside it says). `variant` prefers e.g. `model.fp16.safetensors`."""
+    `open_clip_config.json` beside it says). `variant` prefers e.g. `model.fp16.safetensors`.
+    `allow_outside_paths`: see `jaxdiff.weights.find_weights`."""
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".safetensors":
@@ -502,7 +512,7 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
                 if (p / name).is_file():
                     return load_open_clip(p / name, dtype=dtype, param_dtype=param_dtype, hidden_act=hidden_act)
     folder, raw = W.read_config(p, subfolder)
-    architecture = _architecture(folder, raw, variant)
+    architecture = _architecture(folder, raw, variant, allow_outside_paths)
     if architecture == "CLIPModel":
         config = CLIPConfig.from_dict(raw)
     elif architecture.startswith("CLIPText"):
@@ -511,16 +521,17 @@ def load_clip(path: str | os.PathLike, *, subfolder: str | None = None, dtype=jn
         config = CLIPVisionConfig.from_dict(raw.get("vision_config", raw))
     module = build_model(architecture, config, dtype)
     params = W.load_params(folder, param_shapes(module), ignore=_is_buffer, dtype=param_dtype,
-                           torch_rename=_tower_prefix(architecture), variant=variant)
+                           torch_rename=_tower_prefix(architecture), variant=variant,
+                           allow_outside_paths=allow_outside_paths)
     return module, params
 
 
-def load_text_encoder(path: str | os.PathLike, *, subfolder: str | None = "text_encoder",
-                      dtype=jnp.float32, param_dtype=jnp.float32,
-                      variant: str | None = None) -> tuple[nn.Module, dict]:
+def load_clip_text_encoder(path: str | os.PathLike, *, subfolder: str | None = "text_encoder",
+                           dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
+                           allow_outside_paths: bool = False) -> tuple[nn.Module, dict]:
     """A pipeline's (or a folder's own) CLIP text encoder; anything but a CLIP text model is an error."""
     module, params = load_clip(path, subfolder=subfolder, dtype=dtype, param_dtype=param_dtype,
-                               variant=variant)
+                               variant=variant, allow_outside_paths=allow_outside_paths)
     if not isinstance(module, (CLIPTextModel, CLIPTextModelWithProjection)):
         raise JaxdiffError(f"{path} holds a {type(module).__name__}, not a CLIP text encoder")
     return module, params
@@ -542,14 +553,15 @@ def _tower_prefix(architecture: str):
     return lambda name: tower + name if name.startswith(_TOWER_PARTS) else name
 
 
-def _architecture(folder: Path, config: Mapping, variant: str | None = None) -> str:
+def _architecture(folder: Path, config: Mapping, variant: str | None = None,
+                  allow_outside_paths: bool = False) -> str:
     for name in config.get("architectures") or []:
         name = name[len("Flax"):] if name.startswith("Flax") else name
         if name in ARCHITECTURES:
-            return _with_projection(folder, name, variant)
+            return _with_projection(folder, name, variant, allow_outside_paths)
     model_type = config.get("model_type")
     if model_type in MODEL_TYPES and not config.get("architectures"):
-        return _with_projection(folder, MODEL_TYPES[model_type], variant)
+        return _with_projection(folder, MODEL_TYPES[model_type], variant, allow_outside_paths)
     found = config.get("_class_name") or ", ".join(config.get("architectures") or []) or model_type \
         or "model without a model_type"
     raise JaxdiffError(
@@ -557,27 +569,23 @@ def _architecture(folder: Path, config: Mapping, variant: str | None = None) -> 
         f"CLIPTextModel, CLIPVisionModel, ...) or an open_clip ViT *.safetensors state dict")
 
 
-def _with_projection(folder: Path, architecture: str, variant: str | None = None) -> str:
+def _with_projection(folder: Path, architecture: str, variant: str | None = None,
+                     allow_outside_paths: bool = False) -> str:
     """A config without `architectures` may still hold projection weights: look at the names."""
     if architecture not in ("CLIPTextModel", "CLIPVisionModel"):
         return architecture
     projection = "text_projection" if architecture == "CLIPTextModel" else "visual_projection"
-    names = _weight_names(folder, variant)
+    names = _weight_names(folder, variant, allow_outside_paths)
     if any(n.split(".")[0].split("/")[0] == projection for n in names):
         return architecture.replace("Model", "ModelWithProjection")
     return architecture
 
 
-def _weight_names(folder: Path, variant: str | None = None) -> list[str]:
-    files = W.find_weights(folder, variant)
+def _weight_names(folder: Path, variant: str | None = None, allow_outside_paths: bool = False) -> list[str]:
+    files = W.find_weights(folder, variant, allow_outside_paths=allow_outside_paths)
     if files[0].suffix == ".msgpack":
         return list(W.read_msgpack(files[0]).keys())
-    names = []
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = np.frombuffer(fh.read(8), "<u8")
-            names.extend(json.loads(fh.read(int(n))).keys())
-    return names
+    return [name for f in files for name in W.safetensors_names(f)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ and parameter names, so diffusers folders load without torch (`load_unet_2d`) an
 
     module, params = load_unet_2d("google/ddpm-cat-256")          # a local folder
     eps = module.apply({"params": params}, x_t, t)                  # x_t: (B, H, W, C), t: () or (B,)
+    module = UNet2DModel(UNet2DConfig(sample_size=32, in_channels=1, out_channels=1))
+    params = init_params(module, jax.random.key(0))
 
 `dtype` is the compute dtype (e.g. ``jnp.bfloat16``); parameters stay as given (float32 by
 default). Time embeddings are always computed in float32.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -22,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import JaxdiffError, unknown_choice
+from jaxdiff.models.config import diffusers_dict, freeze_fields, known_keys
 from jaxdiff.models.layers import (GaussianFourierProjection, GroupNorm, TimestepEmbedding,
                                    Timesteps, conv, get_activation)
 from jaxdiff.models.unet_2d_blocks import (MID_BLOCKS, RESAMPLE_TYPES, UNetMidBlock2D,
                                            check_down_block_type, check_up_block_type,
                                            get_down_block, get_up_block)
-from jaxdiff.weights import (find_weights, flax_to_torch_state, load_params, read_config,
-                             save_json, save_safetensors)
+from jaxdiff.weights import find_weights, load_params, read_config, save_model_folder
 
 CLASS_NAME = "UNet2DModel"
 TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
@@ -36,17 +37,10 @@ CLASS_EMBED_TYPES = (None, "timestep", "identity")
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
-class UNet2DModel(nn.Module):
-    """diffusers' `UNet2DModel` (fields = its config keys, same defaults).
-
-    ``__call__(sample, timestep, class_labels=None, train=False)``:
-      sample (B, H, W, in_channels), H and W divisible by 2 ** (len(block_out_channels) - 1);
-      timestep: a scalar or (B,) array, int or float (a noise level σ for Fourier embeddings);
-      class_labels: (B,) int class ids (`num_class_embeds`), (B,) timesteps-like values
-      (`class_embed_type="timestep"`) or (B, time_embed_dim) vectors (`"identity"`).
-      Returns (B, H, W, out_channels) in `dtype`. `train=True` enables dropout (needs a
-      'dropout' rng).
-    """
+@dataclasses.dataclass(frozen=True)
+class UNet2DConfig:
+    """The keys (and defaults) of diffusers' `UNet2DModel` config; checked at construction
+    (one clear error per bad value)."""
     sample_size: Optional[int | tuple[int, int]] = None
     in_channels: int = 3
     out_channels: int = 3
@@ -76,36 +70,20 @@ class UNet2DModel(nn.Module):
     class_embed_type: Optional[str] = None
     num_class_embeds: Optional[int] = None
     num_train_timesteps: Optional[int] = None
-    dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self):
-        validate_config(self)
-        super().__post_init__()
+        freeze_fields(self)
+        _validate(self)
 
-    # ---------------------------------------------------------------- construction helpers
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], dtype=jnp.float32) -> "UNet2DModel":
-        """Build from a diffusers `config.json` dict. Keys starting with "_" are metadata;
-        other unknown keys are ignored with a warning, as diffusers does."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
-        if unknown:
-            warnings.warn(f"UNet2DModel config keys {', '.join(unknown)} are not used by jaxdiff "
-                          "(nor by diffusers' UNet2DModel) and are ignored", stacklevel=2)
-        kwargs = {}
-        for k, v in config.items():
-            if k in names:
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs, dtype=dtype)
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNet2DConfig":
+        """From a diffusers `config.json` dict. Keys starting with "_" are metadata; other
+        unknown keys are ignored with a warning, as diffusers does."""
+        return cls(**known_keys(cls, d, warn_unknown=CLASS_NAME))
 
-    def to_config(self) -> dict:
-        """The diffusers `config.json` dict of this model."""
-        config = {"_class_name": CLASS_NAME, "_diffusers_version": _diffusers_version()}
-        for f in dataclasses.fields(self):
-            if f.name not in ("parent", "name", "dtype"):
-                v = getattr(self, f.name)
-                config[f.name] = list(v) if isinstance(v, tuple) else v
-        return config
+    def to_dict(self) -> dict:
+        """The diffusers `config.json` dict."""
+        return diffusers_dict(self, CLASS_NAME)
 
     @property
     def time_embed_dim(self) -> int:
@@ -115,150 +93,160 @@ class UNet2DModel(nn.Module):
     def has_class_embedding(self) -> bool:
         return self.class_embed_type is not None or self.num_class_embeds is not None
 
-    def dummy_inputs(self, batch: int = 1) -> tuple:
-        """(sample, timestep, class_labels) of the right shapes and dtypes, for `init`."""
-        size = self.sample_size or 2 ** (len(self.block_out_channels) - 1)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        sample = jnp.zeros((batch, h, w, self.in_channels), jnp.float32)
-        timestep = jnp.ones((batch,), jnp.float32)
-        labels = None
-        if self.class_embed_type == "identity":
-            labels = jnp.zeros((batch, self.time_embed_dim), jnp.float32)
-        elif self.class_embed_type == "timestep":
-            labels = jnp.ones((batch,), jnp.float32)
-        elif self.num_class_embeds is not None:
-            labels = jnp.zeros((batch,), jnp.int32)
-        return sample, timestep, labels
+    @property
+    def downscale_factor(self) -> int:
+        """Height and width must be multiples of this (2 ** downsampling levels)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
-    def init_weights(self, rng: jax.Array) -> dict:
-        """Freshly initialised parameters (the 'params' collection), built by one jitted init."""
-        return jax.jit(lambda key: self.init(key, *self.dummy_inputs())["params"])(rng)
+    @property
+    def image_size(self) -> Optional[tuple[int, int]]:
+        """`sample_size` as (height, width), or None."""
+        size = self.sample_size
+        return None if size is None else (size, size) if isinstance(size, int) else tuple(size)
+
+
+class UNet2DModel(nn.Module):
+    """diffusers' `UNet2DModel`, built from a `UNet2DConfig`.
+
+    ``__call__(sample, timestep, class_labels=None, train=False)``:
+      sample (B, H, W, in_channels), H and W divisible by `config.downscale_factor`;
+      timestep: a scalar or (B,) array, int or float (a noise level σ for Fourier embeddings);
+      class_labels: (B,) int class ids (`num_class_embeds`), (B,) timesteps-like values
+      (`class_embed_type="timestep"`) or (B, time_embed_dim) vectors (`"identity"`).
+      Returns (B, H, W, out_channels) in `dtype`. `train=True` enables dropout (needs a
+      'dropout' rng).
+    """
+    config: UNet2DConfig
+    dtype: jnp.dtype = jnp.float32
 
     # ---------------------------------------------------------------- forward
     @nn.compact
     def __call__(self, sample: jax.Array, timestep, class_labels: Optional[jax.Array] = None,
                  train: bool = False) -> jax.Array:
+        c = self.config
         deterministic = not train
         batch = self._check_sample(sample)
         sample = jnp.asarray(sample)
-        if self.center_input_sample:
+        if c.center_input_sample:
             sample = 2 * sample - 1.0
 
         # 1. time
         timesteps = _batch_vector(timestep, batch, "timestep")
-        if self.time_embedding_type == "fourier":
-            time_proj = GaussianFourierProjection(embedding_size=self.block_out_channels[0],
+        if c.time_embedding_type == "fourier":
+            time_proj = GaussianFourierProjection(embedding_size=c.block_out_channels[0],
                                                   scale=16, name="time_proj")
-        elif self.time_embedding_type == "learned":
-            time_proj = _LearnedTimeProjection(self.num_train_timesteps, self.block_out_channels[0],
+        elif c.time_embedding_type == "learned":
+            time_proj = _LearnedTimeProjection(c.num_train_timesteps, c.block_out_channels[0],
                                                name="time_proj")
         else:
-            time_proj = Timesteps(self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
+            time_proj = Timesteps(c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         t_emb = time_proj(timesteps).astype(self.dtype)
-        emb = TimestepEmbedding(self.time_embed_dim, dtype=self.dtype, name="time_embedding")(t_emb)
+        emb = TimestepEmbedding(c.time_embed_dim, dtype=self.dtype, name="time_embedding")(t_emb)
 
-        if self.has_class_embedding:
+        if c.has_class_embedding:
             if class_labels is None:
                 raise JaxdiffError("this UNet is class-conditional (class_embed_type="
-                                   f"{self.class_embed_type!r}, num_class_embeds="
-                                   f"{self.num_class_embeds}); pass class_labels")
+                                   f"{c.class_embed_type!r}, num_class_embeds="
+                                   f"{c.num_class_embeds}); pass class_labels")
             emb = emb + self._class_embedding(class_labels, batch, time_proj).astype(emb.dtype)
         elif class_labels is not None:
             raise JaxdiffError("class_labels given, but this UNet has no class embedding "
                                "(its config sets neither class_embed_type nor num_class_embeds)")
 
         # 2. pre-process
-        sample = conv(self.block_out_channels[0], 3, 1, 1, dtype=self.dtype, name="conv_in")(sample)
+        sample = conv(c.block_out_channels[0], 3, 1, 1, dtype=self.dtype, name="conv_in")(sample)
 
         # 3. down
-        n_levels = len(self.block_out_channels)
+        n_levels = len(c.block_out_channels)
         down_block_res_samples = (sample,)
-        output_channel = self.block_out_channels[0]
-        for i, block_type in enumerate(self.down_block_types):
-            input_channel, output_channel = output_channel, self.block_out_channels[i]
+        output_channel = c.block_out_channels[0]
+        for i, block_type in enumerate(c.down_block_types):
+            input_channel, output_channel = output_channel, c.block_out_channels[i]
             block = get_down_block(
-                block_type, num_layers=self.layers_per_block, in_channels=input_channel,
-                out_channels=output_channel, temb_channels=self.time_embed_dim,
-                add_downsample=i < n_levels - 1, resnet_eps=self.norm_eps,
-                resnet_act_fn=self.act_fn, resnet_groups=self.norm_num_groups,
-                attention_head_dim=self.attention_head_dim, downsample_padding=self.downsample_padding,
-                resnet_time_scale_shift=self.resnet_time_scale_shift,
-                downsample_type=self.downsample_type, dropout=self.dropout, dtype=self.dtype,
+                block_type, num_layers=c.layers_per_block, in_channels=input_channel,
+                out_channels=output_channel, temb_channels=c.time_embed_dim,
+                add_downsample=i < n_levels - 1, resnet_eps=c.norm_eps,
+                resnet_act_fn=c.act_fn, resnet_groups=c.norm_num_groups,
+                attention_head_dim=c.attention_head_dim, downsample_padding=c.downsample_padding,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                downsample_type=c.downsample_type, dropout=c.dropout, dtype=self.dtype,
                 name=f"down_blocks_{i}")
             sample, res_samples = block(sample, emb, deterministic=deterministic)
             down_block_res_samples += res_samples
 
         # 4. mid
-        if self.mid_block_type is not None:
+        if c.mid_block_type is not None:
             sample = UNetMidBlock2D(
-                in_channels=self.block_out_channels[-1], temb_channels=self.time_embed_dim,
-                dropout=self.dropout, resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn,
-                output_scale_factor=self.mid_block_scale_factor,
-                resnet_time_scale_shift=self.resnet_time_scale_shift,
-                attention_head_dim=self.attention_head_dim, resnet_groups=self.norm_num_groups,
-                attn_groups=self.attn_norm_num_groups, add_attention=self.add_attention,
+                in_channels=c.block_out_channels[-1], temb_channels=c.time_embed_dim,
+                dropout=c.dropout, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+                output_scale_factor=c.mid_block_scale_factor,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                attention_head_dim=c.attention_head_dim, resnet_groups=c.norm_num_groups,
+                attn_groups=c.attn_norm_num_groups, add_attention=c.add_attention,
                 dtype=self.dtype, name="mid_block")(sample, emb, deterministic=deterministic)
 
         # 5. up
-        reversed_channels = list(reversed(self.block_out_channels))
+        reversed_channels = list(reversed(c.block_out_channels))
         output_channel = reversed_channels[0]
-        n_res = self.layers_per_block + 1
-        for i, block_type in enumerate(self.up_block_types):
+        n_res = c.layers_per_block + 1
+        for i, block_type in enumerate(c.up_block_types):
             prev_output_channel, output_channel = output_channel, reversed_channels[i]
             input_channel = reversed_channels[min(i + 1, n_levels - 1)]
             block = get_up_block(
                 block_type, num_layers=n_res, in_channels=input_channel, out_channels=output_channel,
-                prev_output_channel=prev_output_channel, temb_channels=self.time_embed_dim,
-                add_upsample=i < n_levels - 1, resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn,
-                resnet_groups=self.norm_num_groups, attention_head_dim=self.attention_head_dim,
-                resnet_time_scale_shift=self.resnet_time_scale_shift,
-                upsample_type=self.upsample_type, dropout=self.dropout, dtype=self.dtype,
+                prev_output_channel=prev_output_channel, temb_channels=c.time_embed_dim,
+                add_upsample=i < n_levels - 1, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+                resnet_groups=c.norm_num_groups, attention_head_dim=c.attention_head_dim,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                upsample_type=c.upsample_type, dropout=c.dropout, dtype=self.dtype,
                 name=f"up_blocks_{i}")
             res_samples = down_block_res_samples[-n_res:]
             down_block_res_samples = down_block_res_samples[:-n_res]
             sample = block(sample, res_samples, emb, deterministic=deterministic)
 
         # 6. post-process (the output activation is SiLU whatever act_fn says, as in diffusers)
-        groups_out = self.norm_num_groups or min(self.block_out_channels[0] // 4, 32)
-        sample = GroupNorm(num_groups=groups_out, epsilon=self.norm_eps, dtype=self.dtype,
+        groups_out = c.norm_num_groups or min(c.block_out_channels[0] // 4, 32)
+        sample = GroupNorm(num_groups=groups_out, epsilon=c.norm_eps, dtype=self.dtype,
                            name="conv_norm_out")(sample)
         sample = nn.silu(sample)
-        sample = conv(self.out_channels, 3, 1, 1, dtype=self.dtype, name="conv_out")(sample)
+        sample = conv(c.out_channels, 3, 1, 1, dtype=self.dtype, name="conv_out")(sample)
 
-        if self.time_embedding_type == "fourier":
+        if c.time_embedding_type == "fourier":
             sample = sample / timesteps.astype(jnp.float32).reshape(batch, 1, 1, 1).astype(sample.dtype)
         return sample
 
     def _class_embedding(self, class_labels, batch: int, time_proj: nn.Module) -> jax.Array:
-        if self.class_embed_type == "identity":
+        c = self.config
+        if c.class_embed_type == "identity":
             labels = jnp.asarray(class_labels)
             if labels.ndim == 1:
                 labels = labels[None]
-            if labels.ndim != 2 or labels.shape[-1] != self.time_embed_dim or labels.shape[0] not in (1, batch):
+            if labels.ndim != 2 or labels.shape[-1] != c.time_embed_dim or labels.shape[0] not in (1, batch):
                 raise JaxdiffError(
                     f"class_labels for class_embed_type='identity' must be ({batch}, "
-                    f"{self.time_embed_dim}) embedding vectors, got shape {labels.shape}")
+                    f"{c.time_embed_dim}) embedding vectors, got shape {labels.shape}")
             return labels
         labels = _batch_vector(class_labels, batch, "class_labels")
-        if self.class_embed_type == "timestep":
-            return TimestepEmbedding(self.time_embed_dim, dtype=self.dtype,
+        if c.class_embed_type == "timestep":
+            return TimestepEmbedding(c.time_embed_dim, dtype=self.dtype,
                                      name="class_embedding")(time_proj(labels).astype(self.dtype))
         if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise JaxdiffError(f"class_labels must be integer class ids in [0, {self.num_class_embeds}),"
+            raise JaxdiffError(f"class_labels must be integer class ids in [0, {c.num_class_embeds}),"
                                f" got dtype {labels.dtype}")
-        return nn.Embed(self.num_class_embeds, self.time_embed_dim, name="class_embedding")(labels)
+        return nn.Embed(c.num_class_embeds, c.time_embed_dim, name="class_embedding")(labels)
 
     def _check_sample(self, sample) -> int:
+        c = self.config
         shape = tuple(np.shape(sample))
         if len(shape) != 4:
-            raise JaxdiffError(f"sample must be a (batch, height, width, {self.in_channels}) NHWC "
+            raise JaxdiffError(f"sample must be a (batch, height, width, {c.in_channels}) NHWC "
                                f"array, got shape {shape}")
-        if shape[-1] != self.in_channels:
+        if shape[-1] != c.in_channels:
             hint = (" (it looks NCHW: move channels last with x.transpose(0, 2, 3, 1))"
-                    if shape[1] == self.in_channels else "")
+                    if shape[1] == c.in_channels else "")
             raise JaxdiffError(f"sample has {shape[-1]} channels in its last axis, but this UNet "
-                               f"takes in_channels={self.in_channels}{hint}")
-        factor = 2 ** (len(self.block_out_channels) - 1)
+                               f"takes in_channels={c.in_channels}{hint}")
+        factor = c.downscale_factor
         if shape[1] % factor or shape[2] % factor:
             raise JaxdiffError(f"sample height and width {shape[1:3]} must be multiples of {factor} "
                                f"(2 ** number of downsampling levels); pad or resize the input")
@@ -287,20 +275,11 @@ def _batch_vector(value, batch: int, what: str) -> jax.Array:
     return jnp.broadcast_to(value, (batch,))
 
 
-def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("diffusers")
-    except Exception:  # diffusers is not a runtime dependency
-        return "0.30.0"
-
-
 # --------------------------------------------------------------------------------------------
 # Config validation: one clear error per bad value, at construction time
 # --------------------------------------------------------------------------------------------
 
-def validate_config(m: UNet2DModel) -> None:
+def _validate(m: UNet2DConfig) -> None:
     n = len(m.block_out_channels)
     if n == 0:
         raise JaxdiffError("block_out_channels is empty; give one channel count per level")
@@ -377,31 +356,52 @@ def _legacy_rename(key: str) -> str:
     return ".".join(parts)
 
 
-def param_template(module: UNet2DModel) -> dict:
+def dummy_inputs(config: UNet2DConfig, batch: int = 1) -> tuple:
+    """(sample, timestep, class_labels) of the right shapes and dtypes, for `init`."""
+    h, w = config.image_size or (config.downscale_factor,) * 2
+    sample = jnp.zeros((batch, h, w, config.in_channels), jnp.float32)
+    timestep = jnp.ones((batch,), jnp.float32)
+    labels = None
+    if config.class_embed_type == "identity":
+        labels = jnp.zeros((batch, config.time_embed_dim), jnp.float32)
+    elif config.class_embed_type == "timestep":
+        labels = jnp.ones((batch,), jnp.float32)
+    elif config.num_class_embeds is not None:
+        labels = jnp.zeros((batch,), jnp.int32)
+    return sample, timestep, labels
+
+
+def param_shapes(module: UNet2DModel, param_dtype=jnp.float32) -> dict:
     """The module's parameter tree as `jax.ShapeDtypeStruct`s (no memory, no compute)."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *module.dummy_inputs()))
-    return shapes["params"]
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *dummy_inputs(module.config)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes["params"])
 
 
-def load_unet_2d(folder: str | os.PathLike, subfolder: Optional[str] = "unet", dtype=jnp.float32,
-                 *, param_dtype=jnp.float32, variant: Optional[str] = None
-                 ) -> tuple[UNet2DModel, dict]:
+def init_params(module: UNet2DModel, key: jax.Array) -> dict:
+    """Freshly initialised parameters (the 'params' collection), built by one jitted init."""
+    return jax.jit(lambda k: module.init(k, *dummy_inputs(module.config))["params"])(key)
+
+
+def load_unet_2d(folder: str | os.PathLike, *, subfolder: Optional[str] = "unet", dtype=jnp.float32,
+                 param_dtype=jnp.float32, variant: Optional[str] = None,
+                 allow_outside_paths: bool = False) -> tuple[UNet2DModel, dict]:
     """A diffusers `UNet2DModel` folder (`config.json` + `diffusion_pytorch_model[.fp16]
     .safetensors`, at `folder` or at `folder/subfolder` of a pipeline) → (module, params).
 
     `dtype`: compute dtype; `param_dtype`: dtype of the returned parameters (fp16 files are
     upcast to it); `variant`: prefer `diffusion_pytorch_model.<variant>.safetensors`. With no
-    variant and no plain weights file, an `fp16` file is used."""
-    path, config = read_config(folder, subfolder, expect_class=CLASS_NAME)
-    module = UNet2DModel.from_config(config, dtype=dtype)
+    variant and no plain weights file, an `fp16` file is used. `allow_outside_paths`: see
+    `jaxdiff.weights.find_weights`."""
+    path, raw = read_config(folder, subfolder, expect_class=CLASS_NAME)
+    module = UNet2DModel(UNet2DConfig.from_dict(raw), dtype=dtype)
     if variant is None:
         try:
-            find_weights(path)
+            find_weights(path, allow_outside_paths=allow_outside_paths)
         except JaxdiffError:
             if any(path.glob("*.fp16.safetensors")) or any(path.glob("*.fp16.safetensors.index.json")):
                 variant = "fp16"
-    params = load_params(path, param_template(module), variant=variant, torch_rename=_legacy_rename,
-                         dtype=param_dtype)
+    params = load_params(path, param_shapes(module), variant=variant, torch_rename=_legacy_rename,
+                         dtype=param_dtype, allow_outside_paths=allow_outside_paths)
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -410,29 +410,9 @@ def save_unet_2d(folder: str | os.PathLike, module: UNet2DModel, params: Mapping
     """Write `module` and `params` as a diffusers folder (`config.json` +
     `diffusion_pytorch_model[.<variant>].safetensors`) that `UNet2DModel.from_pretrained` loads.
     `dtype=np.float16, variant="fp16"` writes half-precision weights."""
-    folder = Path(folder).expanduser()
-    template = param_template(module)
-    got = {"/".join(k) for k in _flat_paths(params)}
-    want = {"/".join(k) for k in _flat_paths(template)}
-    if got != want:
-        extra, missing = sorted(got - want), sorted(want - got)
-        raise JaxdiffError(f"params do not match the module: missing {missing[:3]}, unexpected "
-                           f"{extra[:3]}; pass the params that belong to this module")
-    state = flax_to_torch_state(jax.device_get(params), dtype=dtype)
-    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
-    save_safetensors(state, folder / name)
-    save_json(module.to_config(), folder / "config.json")
-    return folder
+    return save_model_folder(folder, params, param_shapes(module), module.config.to_dict(),
+                             dtype=dtype, variant=variant)
 
 
-def _flat_paths(tree: Mapping, prefix: tuple = ()) -> list[tuple]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out += _flat_paths(v, prefix + (k,))
-        else:
-            out.append(prefix + (k,))
-    return out
-
-
-__all__ = ["UNet2DModel", "load_unet_2d", "save_unet_2d", "param_template", "validate_config"]
+__all__ = ["UNet2DConfig", "UNet2DModel", "dummy_inputs", "init_params", "load_unet_2d",
+           "param_shapes", "save_unet_2d"]

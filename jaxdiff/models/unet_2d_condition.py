@@ -9,7 +9,7 @@ sample: (B, H, W, in_channels) NHWC latents; timestep: scalar or (B,); encoder_h
 
 Parameter names are diffusers' (`down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k`,
 `mid_block/resnets_0/conv1`, `time_embedding/linear_1`, ...), so a published `unet/` folder loads
-by rule with `jaxdiff.weights.load_params` (see `load_unet`). SD1 and SD2 settings are covered:
+by rule with `jaxdiff.weights.load_params` (see `load_unet_2d_condition`). SD1 and SD2 settings are covered:
 `attention_head_dim` int or per-block list (which diffusers reads as the number of heads),
 `num_attention_heads`, `use_linear_projection`, `upcast_attention`, `cross_attention_dim`,
 `transformer_layers_per_block`, `only_cross_attention`, class embeddings. Heights and widths
@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
+from jaxdiff.models.config import diffusers_dict, freeze_fields, known_keys
 from jaxdiff.models.layers import (GaussianFourierProjection, Timesteps, TimestepEmbedding,
                                    conv, get_activation)
 from jaxdiff.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
@@ -46,13 +47,6 @@ CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_project
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-
-def _freeze(v):
-    """JSON lists → tuples (recursively), so the config is hashable (a static jit argument)."""
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
 
 @dataclasses.dataclass(frozen=True)
 class UNet2DConditionConfig:
@@ -110,12 +104,14 @@ class UNet2DConditionConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNet2DConditionConfig":
         """From a diffusers `config.json` dict (PyTorch or Flax class); other keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: _freeze(v) for k, v in d.items() if k in names})
+        return cls(**known_keys(cls, d))
+
+    def to_dict(self) -> dict:
+        """The diffusers `config.json` dict."""
+        return diffusers_dict(self, "UNet2DConditionModel")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
+        freeze_fields(self)
         n = len(self.down_block_types)
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
             raise JaxdiffError(
@@ -557,56 +553,26 @@ def init_params(module: UNet2DConditionModel, key: jax.Array, param_dtype=jnp.fl
 UNET_CLASSES = ("UNet2DConditionModel",)
 
 
-def load_unet(folder: str | os.PathLike, *, subfolder: str | None = "unet", dtype=jnp.float32,
-              param_dtype=None, variant: str | None = None) -> tuple[UNet2DConditionModel, dict]:
+def load_unet_2d_condition(folder: str | os.PathLike, *, subfolder: str | None = "unet",
+                           dtype=jnp.float32, param_dtype=None, variant: str | None = None,
+                           allow_outside_paths: bool = False) -> tuple[UNet2DConditionModel, dict]:
     """`(module, params)` from a diffusers `UNet2DConditionModel` folder (or a pipeline's `unet/`):
     `diffusion_pytorch_model[.fp16].safetensors` (sharded or not) or the old Flax
     `diffusion_flax_model.msgpack`. `dtype` is the compute dtype; params are stored in
-    `param_dtype` (default: `dtype`)."""
+    `param_dtype` (default: `dtype`). `allow_outside_paths`: see `jaxdiff.weights.find_weights`."""
     path, raw = W.read_config(folder, subfolder, expect_class=UNET_CLASSES)
     module = UNet2DConditionModel(UNet2DConditionConfig.from_dict(raw), dtype=dtype)
     param_dtype = param_dtype or dtype
-    params = W.load_params(path, param_shapes(module, param_dtype), variant=variant, dtype=param_dtype)
+    params = W.load_params(path, param_shapes(module, param_dtype), variant=variant, dtype=param_dtype,
+                           allow_outside_paths=allow_outside_paths)
     return module, params
 
 
-def config_dict(config: UNet2DConditionConfig) -> dict:
-    """The diffusers `config.json` dict of `config` (tuples as lists)."""
-    from jaxdiff.models.unet_2d import _diffusers_version
-
-    out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": _diffusers_version()}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = _to_json(value)
-    return out
-
-
-def _to_json(v):
-    return [_to_json(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-def save_unet(folder: str | os.PathLike, module: UNet2DConditionModel, params: Mapping, *,
-              dtype=np.float32, variant: Optional[str] = None) -> Path:
+def save_unet_2d_condition(folder: str | os.PathLike, module: UNet2DConditionModel, params: Mapping, *,
+                           dtype=np.float32, variant: Optional[str] = None) -> Path:
     """Write `module` and `params` as a diffusers folder (`config.json` +
     `diffusion_pytorch_model[.<variant>].safetensors`) that diffusers'
-    `UNet2DConditionModel.from_pretrained` and `load_unet` read. `dtype=np.float16,
+    `UNet2DConditionModel.from_pretrained` and `load_unet_2d_condition` read. `dtype=np.float16,
     variant="fp16"` writes half-precision weights. Each file is written atomically."""
-    folder = Path(folder).expanduser()
-    template = param_shapes(module)
-    got = set(W.flatten(params))
-    want = set(W.flatten(template))
-    if got != want:
-        extra = sorted("/".join(k) for k in got - want)
-        missing = sorted("/".join(k) for k in want - got)
-        raise JaxdiffError(f"params do not match the UNet: missing {missing[:3]}, unexpected "
-                           f"{extra[:3]}; pass the params that belong to this module")
-    flat_template = W.flatten(template)
-    for path, value in W.flatten(params).items():
-        if tuple(np.shape(value)) != tuple(flat_template[path].shape):
-            raise JaxdiffError(f"parameter {'/'.join(path)} has shape {tuple(np.shape(value))}, the "
-                               f"UNet expects {tuple(flat_template[path].shape)}")
-    state = W.flax_to_torch_state(jax.device_get(params), dtype=dtype)
-    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
-    W.save_safetensors(state, folder / name)
-    W.save_json(config_dict(module.config), folder / "config.json")
-    return folder
+    return W.save_model_folder(folder, params, param_shapes(module), module.config.to_dict(),
+                               dtype=dtype, variant=variant)

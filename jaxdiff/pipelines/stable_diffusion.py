@@ -19,8 +19,8 @@ precision), else in `dtype`. Pass `vae_dtype` / `text_encoder_dtype` to choose o
 
 A folder is loaded as published (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
 `tokenizer/`, `scheduler/`), with PyTorch `*.safetensors` (or a `variant` such as "fp16") or the
-old Flax `*.msgpack` weights; torch is not needed. Tensors are read one at a time from memory
-maps and moved to the device as they come, so host memory stays near the parameters' size.
+old Flax `*.msgpack` weights; torch is not needed. Tensors are read one at a time (plain reads)
+and moved to the device as they come, so host memory stays near the parameters' size.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import autoencoder_kl as vae_lib
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models import unet_2d_condition as unet_lib
-from jaxdiff.sampling import cfg, img2img_start, sample
+from jaxdiff.sampling import as_denoiser, cfg, img2img_start, sample
 from jaxdiff.schedulers import Scheduler, create_scheduler
 from jaxdiff.tokenizer import load_tokenizer, tokenize
 
@@ -152,7 +152,8 @@ def _to_device(tree: dict) -> dict:
 
 def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
                   vae_dtype=None, text_encoder_dtype=jnp.float32, variant: str | None = None,
-                  scheduler: str | Scheduler | None = None) -> tuple[StableDiffusion, dict]:
+                  scheduler: str | Scheduler | None = None,
+                  allow_outside_paths: bool = False) -> tuple[StableDiffusion, dict]:
     """`(pipe, params)` from a diffusers Stable Diffusion 1.x/2.x folder.
 
     dtype: compute dtype of the UNet. param_dtype: storage dtype of the UNet and text encoder
@@ -161,6 +162,7 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     variant: weight-file variant to prefer, e.g. "fp16" (`*.fp16.safetensors`).
     scheduler: a sampler name ("pndm", "ddim", "euler", "dpm++", ...) built on the folder's
         `scheduler/` config, or a Scheduler; default: the folder's own scheduler.
+    allow_outside_paths: let shard indexes name files outside their component folder.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -178,17 +180,20 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     unet_path, unet_raw = W.read_config(root, "unet", expect_class=unet_lib.UNET_CLASSES)
     unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(unet_raw), dtype=dtype)
     unet_params = _to_device(W.load_params(unet_path, unet_lib.param_shapes(unet, param_dtype or dtype),
-                                           variant=variant, dtype=param_dtype or dtype))
+                                           variant=variant, dtype=param_dtype or dtype,
+                                           allow_outside_paths=allow_outside_paths))
 
     vae_path, vae_raw = W.read_config(root, "vae", expect_class=vae_lib.VAE_CLASSES)
     vae_config = vae_lib.AutoencoderKLConfig.from_dict(vae_raw)
     vdt = vae_dtype or vae_lib.decode_dtype(vae_config, dtype)
-    vae, vae_params = vae_lib.load_vae(root, dtype=vdt, variant=variant)
+    vae, vae_params = vae_lib.load_autoencoder_kl(root, dtype=vdt, variant=variant,
+                                                  allow_outside_paths=allow_outside_paths)
     vae_params = _to_device(vae_params)
 
     te_dtype = text_encoder_dtype or dtype
-    text_encoder, te_params = clip_lib.load_text_encoder(root, dtype=te_dtype, variant=variant,
-                                                         param_dtype=param_dtype or te_dtype)
+    text_encoder, te_params = clip_lib.load_clip_text_encoder(
+        root, dtype=te_dtype, variant=variant, param_dtype=param_dtype or te_dtype,
+        allow_outside_paths=allow_outside_paths)
     te_params = _to_device(te_params)
 
     _check_compatible(root, unet.config, vae.config, text_encoder.config)
@@ -308,11 +313,7 @@ def _generate(pipe: StableDiffusion, config: GenerateConfig, params: dict, promp
                                f"expected NHWC {shape}")
         noise = jnp.asarray(latents, jnp.float32)
 
-    unet_params = params["unet"]
-
-    def denoise(x, t, context):
-        return pipe.unet.apply({"params": unet_params}, x, t, context)
-
+    denoise = as_denoiser(pipe.unet, params["unet"])
     rescale = guidance_rescale if config.use_guidance_rescale else 0.0
     guided = cfg(denoise, jnp.asarray(guidance_scale, jnp.float32), rescale)
     sched = pipe.scheduler
