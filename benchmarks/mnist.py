@@ -104,7 +104,7 @@ def jax_course(preset: str, batch: int):
     from jaxdiff.models.class_conditioned import ClassConditionedUnet
     from jaxdiff.schedulers import create_scheduler
     from jaxdiff.training import create_train_state, diffusion_loss, make_train_step
-    from train.mnist import PRESETS
+    from jaxdiff.training.configs import MNIST_PRESETS as PRESETS
 
     model = ClassConditionedUnet.create(**PRESETS[preset])
     params = model.init_weights(jax.random.PRNGKey(0))

@@ -71,7 +71,7 @@ def run_jax(args, unet_config: dict) -> dict:
     del params
     p_state = parallel.replicate(state)
     del state
-    n_dev = jax.local_device_count()
+    n_dev = parallel.device_count()
     global_batch = args.batch_size * n_dev
     h = args.resolution // 8
     rng = np.random.default_rng(0)

@@ -1,7 +1,8 @@
 """A cache of VAE posteriors and text embeddings, computed once so training runs the UNet only
 (`--cache-latents`).
 
-    cache = LatentCache.build_or_open(folder, data, pipe, params, resolution=512)
+    cache = LatentCache.build_or_open(folder, data, pipe, params, resolution=512, tokenize=tok,
+                                      **sd_encoders(pipe))   # jaxdiff.training.text_to_image
     batch = cache.fetch(example_ids, caption_ids)   # {"moments": (b, 64, 64, 8), "context": (b, 77, 768), "index": (b,)}
 
 The folder holds `meta.json` (what the cache was made from: data, model files, resolution,
@@ -125,10 +126,13 @@ class LatentCache:
 
     @classmethod
     def build_or_open(cls, folder: str | os.PathLike, data, pipe, params: dict, *, resolution: int,
-                      tokenize: Callable, dtype: str = "float16", batch_size: int = 16,
-                      workers: int = 4, verbose: bool = True) -> "LatentCache":
+                      tokenize: Callable, encode_images: Callable, encode_text: Callable,
+                      dtype: str = "float16", batch_size: int = 16, workers: int = 4,
+                      verbose: bool = True) -> "LatentCache":
         """Open the cache in `folder` if it was made from exactly this data, model, resolution
-        and dtype; else (re)build it with the pipeline's VAE and text encoder."""
+        and dtype; else (re)build it with the pipeline's VAE and text encoder:
+        `encode_images(params["vae"], uint8 (b, R, R, 3)) -> moments (b, R/f, R/f, 2·C)` and
+        `encode_text(params["text_encoder"], ids (b, L)) -> (b, L, D)`, both pmappable."""
         if dtype not in DTYPES:
             raise JaxdiffError(f"unknown cache dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         folder = Path(folder).expanduser().absolute()
@@ -151,7 +155,8 @@ class LatentCache:
         moment_chunks = _chunks(len(data), parts)
         context_chunks = _chunks(len(data.caption_strings), parts)
         t0 = time.perf_counter()
-        _encode_part(tmp, data, pipe, params, resolution, tokenize, np.dtype(dtype), batch_size, workers,
+        _encode_part(tmp, data, pipe, params, (encode_images, encode_text), resolution, tokenize,
+                     np.dtype(dtype), batch_size, workers,
                      mine if shared else None, moment_chunks if shared else [(0, len(data))],
                      context_chunks if shared else [(0, len(data.caption_strings))], verbose)
         distributed.sync("latent-cache-encoded")
@@ -212,7 +217,7 @@ def _shared_filesystem(parent: Path) -> bool:
     return bool(seen.all())
 
 
-def _encode_part(tmp: Path, data, pipe, params, resolution, tokenize, dtype, batch_size, workers,
+def _encode_part(tmp: Path, data, pipe, params, encoders, resolution, tokenize, dtype, batch_size, workers,
                  part: Optional[int], moment_chunks, context_chunks, verbose) -> None:
     """Encode this process's chunks (all of them when `part` is None) into `tmp`."""
     import concurrent.futures
@@ -222,14 +227,12 @@ def _encode_part(tmp: Path, data, pipe, params, resolution, tokenize, dtype, bat
 
     from jaxdiff import parallel
     from jaxdiff.data.captions import prepare_image
-    from jaxdiff.training.text_to_image import encode_pixels, encode_text
 
-    n_dev = jax.local_device_count()
+    n_dev = parallel.device_count()
     per_call = -(-batch_size // n_dev) * n_dev
     vae_p = parallel.replicate(params["vae"])
     te_p = parallel.replicate(params["text_encoder"])
-    enc_images = jax.pmap(lambda p, x: encode_pixels(pipe, p, x))
-    enc_text = jax.pmap(lambda p, ids: encode_text(pipe, p, ids))
+    enc_images, enc_text = (jax.pmap(fn) for fn in encoders)
 
     def run(fn, p, inputs):
         n = len(inputs)

@@ -8,7 +8,6 @@ optionally with classifier-free guidance, the whole reverse process in one jitte
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,9 +19,9 @@ from jaxdiff.errors import JaxdiffError
 from jaxdiff.models.class_conditioned import ClassConditionedUnet
 from jaxdiff.sampling import as_denoiser, cfg, sample
 from jaxdiff.schedulers import Scheduler, create_scheduler
+from jaxdiff.training.run_folder import CHECKPOINTS, read_run
 
-RUN_CONFIG = "config.json"
-CHECKPOINTS = "checkpoints"
+PROGRAM = "train.mnist"  # the program whose run folders load_run reads
 DEFAULT_GUIDANCE = 3.0  # for models trained with label dropout (a null class)
 
 
@@ -68,44 +67,54 @@ def make_generator(model: ClassConditionedUnet, scheduler: Scheduler, num_infere
     return generate
 
 
+class GridSampler:
+    """`per_class` samples of every class as one uint8 grid image (row i = class i), from one
+    compiled sampler (the training program's --eval-every grids and its samples.png)."""
+
+    def __init__(self, model: ClassConditionedUnet, scheduler: Scheduler, steps: int, per_class: int,
+                 guidance: float, seed: int):
+        self.labels = class_labels(model.num_classes, per_class)
+        self.per_class = per_class
+        self.generate = make_generator(model, scheduler, steps, use_cfg=guidance != 1.0)
+        self.key = jax.random.PRNGKey(seed)
+        self.guidance = jnp.float32(guidance)
+
+    def grid(self, params) -> np.ndarray:
+        """(rows·(H+2)+2, cols·(W+2)+2, C) uint8."""
+        from jaxdiff.images import make_grid, unit_to_uint8
+
+        images = np.asarray(self.generate(params, self.labels, self.key, self.guidance))
+        return make_grid(unit_to_uint8(images), nrow=self.per_class)
+
+
 # --------------------------------------------------------------------------------------------
-# Run folders written by train.mnist
+# Run folders written by train.mnist (`jaxdiff.training.run_folder`)
 # --------------------------------------------------------------------------------------------
 
 def is_run_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder holding a train.mnist run (its `RUN_CONFIG`, with model and
-    scheduler, rather than a diffusers model config)."""
+    """Whether `path` holds a train.mnist run (RUN/jaxdiff_run.json, or an earlier version's
+    RUN/config.json)."""
     try:
-        config = json.loads((Path(path) / RUN_CONFIG).read_text())
-    except (OSError, ValueError):
+        return read_run(path).program == PROGRAM
+    except JaxdiffError:
         return False
-    return isinstance(config, dict) and {"model", "scheduler"} <= config.keys() and "_class_name" not in config
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What `RUN/config.json` records: the model, the training scheduler and training options."""
+    """What a train.mnist run records: the model, the training scheduler and training options."""
 
     model: dict
     scheduler: dict
     train: dict
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunConfig":
-        path = Path(run_dir) / RUN_CONFIG
-        if not Path(run_dir).is_dir():
-            raise JaxdiffError(f"run folder {run_dir} does not exist; pass the --out folder of train.mnist")
-        if not path.is_file():
-            raise JaxdiffError(f"{run_dir} is not a train.mnist run folder (no {RUN_CONFIG})")
-        try:
-            d = json.loads(path.read_text())
-            return cls(model=dict(d["model"]), scheduler=dict(d["scheduler"]), train=dict(d.get("train", {})))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise JaxdiffError(f"{path} is damaged ({type(e).__name__}: {e}); it should hold "
-                               "model, scheduler and train") from None
+        record = read_run(run_dir, PROGRAM)
+        if not isinstance(record.model, dict) or not isinstance(record.scheduler, dict):
+            raise JaxdiffError(f"the run record in {run_dir} is damaged; it should hold model, scheduler "
+                               "and train")
+        return cls(model=dict(record.model), scheduler=dict(record.scheduler), train=dict(record.train))
 
     def build_model(self, dtype=jnp.float32) -> ClassConditionedUnet:
         return ClassConditionedUnet.from_config(self.model, dtype=dtype)

@@ -1,6 +1,7 @@
 """Fine-tuning a Stable Diffusion UNet on image–caption pairs: the loss, the optimizer, and the
 pieces that turn a batch (pixels and token ids, or cached latents and text embeddings) into
-the UNet's inputs. The train step itself is `jaxdiff.training.make_train_step`.
+the UNet's inputs (an adapter of the one denoising loss, `jaxdiff.training.losses`). The train
+step itself is `jaxdiff.training.make_train_step`.
 
     loss_fn = text_to_image_loss(pipe, train_scheduler, LossConfig(cfg_dropout=0.1, snr_gamma=5.0))
     tx, lr = make_optimizer(1e-5, total_steps=10_000, warmup_steps=500)
@@ -30,11 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.errors import JaxdiffError, unknown_choice
+from jaxdiff.errors import JaxdiffError
 from jaxdiff.images import uint8_to_model
 from jaxdiff.models.autoencoder_kl import DiagonalGaussianDistribution, scale_latents
-from jaxdiff.parallel.pmap import AXIS, example_keys
-from jaxdiff.training.losses import min_snr_weights, snr
+from jaxdiff.parallel.pmap import AXIS
+from jaxdiff.sampling import as_apply_fn
+from jaxdiff.training.losses import Noising, denoising_loss
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -84,6 +87,13 @@ def encode_text(pipe, text_encoder_params, input_ids: jax.Array) -> jax.Array:
     return encode_prompt(pipe, {"text_encoder": text_encoder_params}, input_ids)
 
 
+def sd_encoders(pipe) -> dict:
+    """The pipeline's frozen encoders as the latent cache takes them:
+    `encode_images(vae_params, pixels)` and `encode_text(text_encoder_params, ids)`."""
+    return {"encode_images": lambda p, pixels: encode_pixels(pipe, p, pixels),
+            "encode_text": lambda p, ids: encode_text(pipe, p, ids)}
+
+
 def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
                        null_ids: Optional[np.ndarray] = None, null_context: Optional[np.ndarray] = None,
                        axis_name: Optional[str] = AXIS) -> Callable:
@@ -92,22 +102,13 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
     the compute dtype, its VAE and text encoder encode on-the-fly batches). `scheduler`: the
     training scheduler (DDPM on the model's beta schedule and prediction type). Caption
     dropout needs `null_ids` (L,) (on the fly) or `null_context` (L, D) (cached): the empty
-    prompt. `axis_name`: the pmap axis (None under plain jit)."""
+    prompt. `axis_name`: the pmap axis (None under plain jit). The loss itself is
+    `jaxdiff.training.losses.denoising_loss`; this adapter makes latents and text context."""
     state = scheduler.create_state()
-    alphas_cumprod = state.alphas_cumprod
-    num_train_timesteps = int(alphas_cumprod.shape[0])
-    prediction_type = scheduler.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise unknown_choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
+    num_train_timesteps = int(state.alphas_cumprod.shape[0])
     vae_config = pipe.vae.config
 
-    def loss_fn(params, batch: Mapping, key: jax.Array):
-        if "pixels" in batch:
-            b = batch["pixels"].shape[0]
-        else:
-            b = batch["moments"].shape[0]
-        keys = example_keys(key, b, axis_name)
-
+    def prepare(batch: Mapping, keys: jax.Array) -> Noising:
         if "pixels" in batch:
             encoders = batch["encoders"]
             moments = jax.lax.stop_gradient(encode_pixels(pipe, encoders["vae"], batch["pixels"]))
@@ -117,7 +118,6 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
         latent_shape = posterior.mean.shape[1:]
         draws = jax.vmap(lambda k: per_example_draws(k, latent_shape, num_train_timesteps,
                                                      config.cfg_dropout, config.noise_offset))(keys)
-
         if "pixels" in batch:
             ids = batch["input_ids"]
             if config.cfg_dropout > 0:
@@ -132,19 +132,101 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
                     raise JaxdiffError("caption dropout needs null_context (the empty prompt's embedding)")
                 context = jnp.where(draws["drop"][:, None, None],
                                     jnp.asarray(null_context, jnp.float32)[None], context)
-
         latents = scale_latents(vae_config, posterior.mean + posterior.std * draws["latent"])
-        t, noise = draws["t"], draws["noise"]
-        noisy = scheduler.add_noise(state, latents, noise, t)
-        target = scheduler.training_target(state, latents, noise, t)
-        pred = pipe.unet.apply({"params": params}, noisy, t, context)
-        per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-        metrics = {"mse": jnp.mean(per_example)}
-        if config.snr_gamma is not None:
-            weights = min_snr_weights(snr(alphas_cumprod, t), config.snr_gamma, prediction_type)
-            loss = jnp.mean(per_example * weights)
-        else:
-            loss = jnp.mean(per_example)
-        return loss, metrics
+        return Noising(latents, draws["noise"], draws["t"], context)
 
-    return loss_fn
+    def batch_size(batch: Mapping) -> int:
+        return (batch["pixels"] if "pixels" in batch else batch["moments"]).shape[0]
+
+    return denoising_loss(as_apply_fn(pipe.unet), scheduler, state,
+                          prepare, batch_size, snr_gamma=config.snr_gamma, axis_name=axis_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and export (train.text_to_image)
+# --------------------------------------------------------------------------------------------
+
+COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor")
+
+
+class Evaluator:
+    """A fixed-noise loss on a fixed batch (the checkpoints' "best" metric) and sample grids of
+    validation prompts; with EMA, both use the EMA weights (what is exported). `fetch(ids,
+    caption_ids)`: the training batches' fetcher; `batch_size`: the global batch; `seed`: the run's."""
+
+    def __init__(self, pipe, params, data, fetch, loss_fn, *, batch_size: int, resolution: int, seed: int,
+                 cached: bool, prompts, samples_per_prompt: int, sample_steps: int, guidance_scale: float,
+                 samples: bool, main_process: bool):
+        from jaxdiff import parallel
+        from jaxdiff.parallel import distributed
+        from jaxdiff.training.program import sampling_params
+
+        self.pipe, self.main, self.samples = pipe, main_process, samples
+        self.frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+        ids = np.arange(batch_size, dtype=np.int64)[distributed.host_slice(batch_size)]
+        caps = np.array([data.caption_ids[i][0] for i in ids], np.int64)
+        self.batch = parallel.shard({k: v for k, v in fetch(ids, caps).items() if k != "index"})
+        if not cached:
+            self.batch["encoders"] = parallel.replicate(self.frozen)
+        self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+
+        def eval_loss(state, batch):
+            loss, _ = loss_fn(sampling_params(state), batch, self.key)
+            return jax.lax.pmean(loss, parallel.AXIS)
+
+        self._eval = parallel.pmap(eval_loss, donate_state=False)
+        prompts = list(prompts or []) or [c for c in data.caption_strings if c][:4] or ["a photo"]
+        self.prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        self.samples_per_prompt, self.sample_steps = samples_per_prompt, sample_steps
+        self.guidance_scale, self.resolution = guidance_scale, resolution
+
+    def eval_loss(self, p_state) -> dict:
+        return {"eval_loss": float(self._eval(p_state, self.batch)[0])}
+
+    def log_eval(self, log, p_state, step: int, with_loss: bool = True):
+        """Log the eval loss and a sample grid (rows = prompts); returns the grid's path."""
+        if with_loss:
+            values = self.eval_loss(p_state)
+            log.scalars(step, values)
+            log.write(f"step {step}: eval loss {values['eval_loss']:.5f}")
+        if not self.samples or not self.main:
+            return None
+        from jaxdiff import parallel
+        from jaxdiff.images import make_grid, unit_to_uint8
+        from jaxdiff.pipelines.stable_diffusion import GenerateConfig, generate, tokenize_prompts
+        from jaxdiff.training.program import sampling_params
+
+        unet = sampling_params(parallel.host_copy(p_state))
+        ids, neg = tokenize_prompts(self.pipe, self.prompts)
+        config = GenerateConfig(num_inference_steps=self.sample_steps, height=self.resolution, width=self.resolution)
+        images = generate(self.pipe, {"unet": unet, **self.frozen}, ids, neg, jax.random.PRNGKey(0),
+                          self.guidance_scale, config=config)
+        return log.image(step, "samples", make_grid(unit_to_uint8(images), nrow=self.samples_per_prompt))
+
+
+def export(out, pipe, unet_params, *, with_pipeline: bool = True):
+    """RUN/unet as a diffusers folder; with `with_pipeline`, the model's other components and
+    a model_index.json beside it, so RUN is a pipeline folder. Returns RUN/unet."""
+    import shutil
+    from pathlib import Path
+
+    from jaxdiff.models.unet_2d_condition import save_unet_2d_condition
+    from jaxdiff.weights import read_json, save_json
+
+    out = Path(out)
+    save_unet_2d_condition(out / "unet", pipe.unet, unet_params)
+    src = Path(pipe.folder) if pipe.folder is not None else None
+    if with_pipeline and src is not None and src.resolve() != out.resolve():
+        for component in COPIED_COMPONENTS:
+            if (src / component).is_dir():
+                shutil.copytree(src / component, out / component, dirs_exist_ok=True)
+        index_path = src / "model_index.json"
+        index = read_json(index_path) if index_path.is_file() else {"_class_name": "StableDiffusionPipeline"}
+        flax = str(index.get("_class_name", "")).startswith("Flax")
+        index["unet"] = ["diffusers", "FlaxUNet2DConditionModel" if flax else "UNet2DConditionModel"]
+        for component, value in list(index.items()):
+            if isinstance(value, list) and len(value) == 2 and value[1] and component != "unet" \
+                    and not (out / component).is_dir():
+                index[component] = [None, None]  # e.g. a safety checker that was not copied
+        save_json(index, out / "model_index.json")
+    return out / "unet"
