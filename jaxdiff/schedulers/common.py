@@ -129,7 +129,8 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so the last step has SNR 0."""
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so the last step has SNR 0. Not
+    bit-exact: torch's vectorised sqrt is not correctly rounded (a few ulp, see the test)."""
     betas = np.asarray(betas, np.float32)
     alphas_cumprod = alphas_cumprod_of(betas)
     root = np.sqrt(alphas_cumprod)
