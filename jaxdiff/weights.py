@@ -51,13 +51,18 @@ TORCH_LIST_NAMES = frozenset({
 # --------------------------------------------------------------------------------------------
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object (config.json, model_index.json, shard indexes)."""
     path = Path(path)
     if not path.is_file():
         raise JaxdiffError(f"missing file {path}")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxdiffError(f"{path} is not valid JSON ({e}); re-download or re-save the folder") from None
+    if not isinstance(value, dict):
+        raise JaxdiffError(f"{path} holds a JSON {type(value).__name__}, not an object; re-download or "
+                           "re-save the folder")
+    return value
 
 
 def model_folder(folder: str | os.PathLike, subfolder: str | None = None) -> Path:

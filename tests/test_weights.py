@@ -122,6 +122,15 @@ def test_a_shape_mismatch_names_the_file_the_parameter_and_both_shapes(plain, tm
     assert "(8, 3, 3, 3)" in message and "(3, 3, 2, 8) for conv_in/kernel" in message and "\n" not in message
 
 
+def test_weights_that_do_not_match_the_config_are_refused(plain, tmp_path):
+    shutil.copy(plain / WEIGHTS, tmp_path)
+    config = json.loads((plain / "config.json").read_text())
+    config["block_out_channels"] = [8, 32]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(JaxdiffError, match="expects .* the weights do not match the config"):
+        load_unet_2d(tmp_path)
+
+
 def test_a_missing_tensor_is_named(state, plain, tmp_path):
     shutil.copy(plain / "config.json", tmp_path)
     W.save_safetensors({k: v for k, v in state.items() if k != "mid_block.attentions.0.to_k.bias"},
@@ -310,6 +319,13 @@ def test_a_missing_shard_and_a_bad_weight_map_are_clear_errors(sharded):
         load_unet_2d(sharded)
     (sharded / INDEX).write_text(json.dumps({**index, "weight_map": ["a.safetensors"]}))
     with pytest.raises(JaxdiffError, match="'weight_map' must map tensor names to shard file names"):
+        load_unet_2d(sharded)
+
+
+@pytest.mark.parametrize("name", ["config.json", INDEX])
+def test_json_files_that_are_not_objects_are_one_clear_error(sharded, name):
+    (sharded / name).write_text("[1, 2]")
+    with pytest.raises(JaxdiffError, match=f"{name} holds a JSON list, not an object"):
         load_unet_2d(sharded)
 
 

@@ -377,9 +377,10 @@ def param_shapes(module: UNet2DModel, param_dtype=jnp.float32) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes["params"])
 
 
-def init_params(module: UNet2DModel, key: jax.Array) -> dict:
+def init_params(module: UNet2DModel, key: jax.Array, param_dtype=jnp.float32) -> dict:
     """Freshly initialised parameters (the 'params' collection), built by one jitted init."""
-    return jax.jit(lambda k: module.init(k, *dummy_inputs(module.config))["params"])(key)
+    params = jax.jit(lambda k: module.init(k, *dummy_inputs(module.config))["params"])(key)
+    return jax.tree.map(lambda p: p.astype(param_dtype), params)
 
 
 def load_unet_2d(folder: str | os.PathLike, *, subfolder: Optional[str] = "unet", dtype=jnp.float32,
