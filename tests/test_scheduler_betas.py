@@ -4,7 +4,8 @@ Tolerance: none. diffusers builds `linear`/`scaled_linear` with `torch.linspace(
 (fused multiply-adds on x86), `sigmoid` with `torch.sigmoid` (SLEEF's expf), the cosine schedule
 in float64 then float32, and `torch.cumprod` (float64 accumulator); jaxdiff reproduces each
 operation on the host, so every bit must agree — a 1-ulp difference in the betas is enough to
-move a whole Euler-ancestral trajectory past diffusers' own test tolerance.
+move a whole Euler-ancestral trajectory past diffusers' own test tolerance. (PyTorch forced to
+its scalar kernels, ATEN_CPU_CAPABILITY=default, rounds linspace twice and differs from itself.)
 """
 from __future__ import annotations
 
