@@ -177,13 +177,12 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
         sched = create_scheduler(root / "scheduler", name=scheduler)
     tokenizer = load_tokenizer(root, subfolder="tokenizer")
 
-    unet_path, unet_raw = W.read_config(root, "unet", expect_class=unet_lib.UNET_CLASSES)
-    unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(unet_raw), dtype=dtype)
-    unet_params = _to_device(W.load_params(unet_path, unet_lib.param_shapes(unet, param_dtype or dtype),
-                                           variant=variant, dtype=param_dtype or dtype,
-                                           allow_outside_paths=allow_outside_paths))
+    unet, unet_params = unet_lib.load_unet_2d_condition(root, dtype=dtype, param_dtype=param_dtype,
+                                                        variant=variant,
+                                                        allow_outside_paths=allow_outside_paths)
+    unet_params = _to_device(unet_params)
 
-    vae_path, vae_raw = W.read_config(root, "vae", expect_class=vae_lib.VAE_CLASSES)
+    _, vae_raw = W.read_config(root, "vae", expect_class=vae_lib.VAE_CLASSES)
     vae_config = vae_lib.AutoencoderKLConfig.from_dict(vae_raw)
     vdt = vae_dtype or vae_lib.decode_dtype(vae_config, dtype)
     vae, vae_params = vae_lib.load_autoencoder_kl(root, dtype=vdt, variant=variant,
