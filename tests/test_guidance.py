@@ -158,13 +158,13 @@ def test_changing_scale_schedule_or_colour_does_not_recompile(pipe, x_T, run_gui
 
 def test_guided_sampling_works_on_a_class_conditioned_model(pipe, x_T):
     """Loss guidance is model-agnostic: the cond (class labels here) goes to the denoiser."""
-    from jaxdiff.models.class_conditioned import ClassConditionedUnet
-    from jaxdiff.models.unet_2d import UNet2DConfig, UNet2DModel
+    from jaxdiff.models.class_conditioned import ClassConditionedUnet, ClassConditionedUnetConfig
+    from jaxdiff.models.unet_2d import UNet2DConfig
 
-    unet = UNet2DModel(UNet2DConfig(sample_size=16, in_channels=1 + 4, out_channels=1, block_out_channels=(8, 16),
-                                    layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4))
-    model = ClassConditionedUnet(unet, num_classes=10, class_emb_size=4)
+    unet = UNet2DConfig(sample_size=16, in_channels=1 + 4, out_channels=1, block_out_channels=(8, 16),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    model = ClassConditionedUnet(ClassConditionedUnetConfig(unet, num_classes=10, class_emb_size=4))
     x = jnp.asarray(x_T[..., :1])
     labels = jnp.array([3, 7])
     params = random_params(jax.eval_shape(model.init, jax.random.key(0), x, jnp.int32(0), labels)["params"])

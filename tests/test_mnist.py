@@ -60,7 +60,7 @@ def test_unet_class_embedding_conditions_every_block_and_concat_is_optional():
     tiny = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     model = ClassConditionedUnet.create(class_emb_size=0, null_class=True, unet_class_embedding=True, **tiny)
-    assert model.model.config.num_class_embeds == 11 and model.model.config.in_channels == 1
+    assert model.config.unet.num_class_embeds == 11 and model.config.unet.in_channels == 1
     params = model.init_weights(jax.random.PRNGKey(0))
     assert "class_emb" not in params and params["model"]["class_embedding"]["embedding"].shape == (11, 32)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 1))

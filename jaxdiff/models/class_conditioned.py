@@ -11,6 +11,7 @@ training drops labels to it (`--cfg-dropout`) and classifier-free guidance sampl
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models.unet_2d import UNet2DConfig, UNet2DModel
 
+CLASS_NAME = "ClassConditionedUnet"
+
 # The course's UNet around the embedding (`in_channels` is 1 + class_emb_size).
 COURSE_UNET = dict(
     sample_size=28, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
@@ -28,15 +31,28 @@ COURSE_UNET = dict(
 )
 
 
-class ClassConditionedUnet(nn.Module):
-    """``__call__(x, t, class_labels)``: x (B, H, W, 1) in [-1, 1], t scalar or (B,) timesteps,
-    class_labels (B,) ints in [0, num_classes) (or `num_classes` = no label, with `null_class`)
-    → (B, H, W, out_channels) model output (the noise, for the course's scheduler)."""
-
-    model: UNet2DModel
+@dataclasses.dataclass(frozen=True)
+class ClassConditionedUnetConfig:
+    """The wrapped UNet's config and the label embedding's: `num_classes` labels (one more, the
+    "no label" `num_classes`, with `null_class`), each a `class_emb_size` vector."""
+    unet: UNet2DConfig = UNet2DConfig(**COURSE_UNET, in_channels=1 + 4)
     num_classes: int = 10
     class_emb_size: int = 4
     null_class: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClassConditionedUnetConfig":
+        """From the dict `to_dict` writes (a run folder's model config)."""
+        try:
+            return cls(unet=UNet2DConfig.from_dict(d["unet"]), num_classes=int(d["num_classes"]),
+                       class_emb_size=int(d["class_emb_size"]), null_class=bool(d.get("null_class", False)))
+        except (KeyError, TypeError) as e:
+            raise JaxdiffError(f"not a ClassConditionedUnet config (missing or bad {e})") from None
+
+    def to_dict(self) -> dict:
+        return {"_class_name": CLASS_NAME, "num_classes": self.num_classes,
+                "class_emb_size": self.class_emb_size, "null_class": self.null_class,
+                "unet": self.unet.to_dict()}
 
     @property
     def num_embeddings(self) -> int:
@@ -47,8 +63,44 @@ class ClassConditionedUnet(nn.Module):
         """The label meaning "unconditional", or None without `null_class`."""
         return self.num_classes if self.null_class else None
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images (the UNet's input less the embedding channels)."""
+        h, w = self.unet.image_size
+        return h, w, self.unet.in_channels - self.class_emb_size
+
+
+class ClassConditionedUnet(nn.Module):
+    """``__call__(x, t, class_labels)``: x (B, H, W, 1) in [-1, 1], t scalar or (B,) timesteps,
+    class_labels (B,) ints in [0, num_classes) (or `num_classes` = no label, with `null_class`)
+    → (B, H, W, out_channels) model output (the noise, for the course's scheduler)."""
+
+    config: ClassConditionedUnetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def class_emb_size(self) -> int:
+        return self.config.class_emb_size
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.config.num_embeddings
+
+    @property
+    def null_label(self) -> int | None:
+        return self.config.null_label
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.config.image_shape
+
     @nn.compact
     def __call__(self, x: jax.Array, t, class_labels: jax.Array) -> jax.Array:
+        c = self.config
         if class_labels is None:
             raise JaxdiffError("ClassConditionedUnet needs class_labels (B,) ints")
         labels = jnp.asarray(class_labels)
@@ -56,12 +108,13 @@ class ClassConditionedUnet(nn.Module):
             raise JaxdiffError(f"class_labels must be integer class ids, got dtype {labels.dtype}")
         b, h, w, _ = x.shape
         labels = jnp.broadcast_to(labels, (b,))
-        if self.class_emb_size:
-            emb = nn.Embed(self.num_embeddings, self.class_emb_size,
+        if c.class_emb_size:
+            emb = nn.Embed(c.num_embeddings, c.class_emb_size,
                            embedding_init=nn.initializers.normal(1.0), name="class_emb")(labels)
-            emb = jnp.broadcast_to(emb[:, None, None, :], (b, h, w, self.class_emb_size)).astype(x.dtype)
+            emb = jnp.broadcast_to(emb[:, None, None, :], (b, h, w, c.class_emb_size)).astype(x.dtype)
             x = jnp.concatenate([x, emb], axis=-1)
-        return self.model(x, t, labels if self.model.config.num_class_embeds else None)
+        unet = UNet2DModel(c.unet, dtype=self.dtype, name="model")
+        return unet(x, t, labels if c.unet.num_class_embeds else None)
 
     # ---------------------------------------------------------------- config
     @classmethod
@@ -72,28 +125,17 @@ class ClassConditionedUnet(nn.Module):
         config = {**COURSE_UNET, **unet_config, "in_channels": unet_config.get("in_channels", 1) + class_emb_size}
         if unet_class_embedding:
             config["num_class_embeds"] = num_classes + int(null_class)
-        return cls(model=UNet2DModel(UNet2DConfig.from_dict(config), dtype=dtype), num_classes=num_classes,
-                   class_emb_size=class_emb_size, null_class=null_class)
+        return cls(ClassConditionedUnetConfig(UNet2DConfig.from_dict(config), num_classes=num_classes,
+                                              class_emb_size=class_emb_size, null_class=null_class),
+                   dtype=dtype)
 
     def to_config(self) -> dict:
-        return {"_class_name": "ClassConditionedUnet", "num_classes": self.num_classes,
-                "class_emb_size": self.class_emb_size, "null_class": self.null_class,
-                "unet": self.model.config.to_dict()}
+        """`config.to_dict()`: what a run folder stores."""
+        return self.config.to_dict()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dtype=jnp.float32) -> "ClassConditionedUnet":
-        try:
-            unet = UNet2DModel(UNet2DConfig.from_dict(config["unet"]), dtype=dtype)
-            return cls(model=unet, num_classes=int(config["num_classes"]),
-                       class_emb_size=int(config["class_emb_size"]),
-                       null_class=bool(config.get("null_class", False)))
-        except (KeyError, TypeError) as e:
-            raise JaxdiffError(f"not a ClassConditionedUnet config (missing or bad {e})") from None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        h, w = self.model.config.image_size
-        return h, w, self.model.config.in_channels - self.class_emb_size
+        return cls(ClassConditionedUnetConfig.from_dict(config), dtype=dtype)
 
     def _init_params(self, rng: jax.Array) -> dict:
         h, w, c = self.image_shape
