@@ -30,7 +30,7 @@ import dataclasses
 import time
 
 from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
-                         in_range, print_report, program_parser)
+                         in_range, positive, print_report, program_parser)
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.parallel import distributed
 from jaxdiff.pipelines.class_conditioned import DEFAULT_GUIDANCE, PROGRAM, default_guidance
@@ -76,8 +76,7 @@ def check_args(args) -> None:
     check_loop_flags(args)
     at_least(args, 1, "batch_size", "sample_steps", "per_class")
     at_least(args, 0, "snr_gamma")
-    if args.lr is not None and not args.lr > 0:
-        raise JaxdiffError(f"--lr must be > 0, got {args.lr}")
+    positive(args, "lr")
     in_range(args, 0.0, 1.0, "cfg_dropout", "ema_decay")
 
 

@@ -131,29 +131,12 @@ def new_config(config: TextToImageConfig) -> TextToImageConfig:
     return dataclasses.replace(config, model_dir=absolute(config.model_dir), train_data=absolute(config.train_data))
 
 
-def resolution_of(config: TextToImageConfig, pipe) -> int:
-    resolution = config.resolution or pipe.default_size
-    f = pipe.vae_scale_factor
-    if resolution % f:
-        raise JaxdiffError(f"--resolution {resolution} must be a multiple of {f} (the VAE's downscale factor)")
-    return int(resolution)
-
-
-def training_scheduler(config: TextToImageConfig):
-    """DDPM on the model's own beta schedule (and prediction type unless overridden), as
-    diffusers' training scripts build `DDPMScheduler.from_pretrained(model, "scheduler")`."""
-    from jaxdiff.schedulers import create_scheduler
-
-    overrides = {"prediction_type": config.prediction_type} if config.prediction_type else {}
-    return create_scheduler(Path(config.model_dir) / "scheduler", name="ddpm", **overrides)
-
-
 def batches_and_loss(run, settings, config, data, pipe, params, resolution):
     """(fetch(ids, caption_ids) -> host batch, the loss): from the latent cache or on the fly."""
     from jaxdiff.data.captions import pixel_fetcher
     from jaxdiff.data.latent_cache import LatentCache
     from jaxdiff.tokenizer import tokenize
-    from jaxdiff.training.text_to_image import LossConfig, sd_encoders, text_to_image_loss
+    from jaxdiff.training.text_to_image import LossConfig, sd_encoders, text_to_image_loss, training_scheduler
 
     def tok(strings):
         return tokenize(pipe.tokenizer, list(strings), pipe.max_length)
@@ -169,22 +152,8 @@ def batches_and_loss(run, settings, config, data, pipe, params, resolution):
     else:
         fetch = pixel_fetcher(data, resolution, tok, workers=settings.workers)
     loss_cfg = LossConfig(cfg_dropout=config.cfg_dropout, noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
-    return fetch, text_to_image_loss(pipe, training_scheduler(config), loss_cfg, null_ids=tok([""])[0],
+    return fetch, text_to_image_loss(pipe, training_scheduler(config.model_dir, config.prediction_type), loss_cfg, null_ids=tok([""])[0],
                                      null_context=null_context)
-
-
-def make_step(config: TextToImageConfig, loss_fn, total_steps: int):
-    """(train_step, learning-rate schedule): AdamW with warm-up and clipping, optional EMA."""
-    from jaxdiff.training import EMA, make_train_step
-    from jaxdiff.training.optim import make_optimizer
-
-    tx, lr_schedule = make_optimizer(
-        config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
-        weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm or None)
-    ema = EMA(decay=config.ema_decay, update_after_step=config.ema_update_after_step, use_warmup=config.ema_warmup,
-              inv_gamma=config.ema_inv_gamma, power=config.ema_power) if config.ema_decay > 0 else None
-    return make_train_step(loss_fn, tx, ema=ema), tx, lr_schedule
 
 
 def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
@@ -199,7 +168,7 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     from jaxdiff.training import create_train_state
     from jaxdiff.training.program import sampling_params
     from jaxdiff.training.run_folder import RunRecord
-    from jaxdiff.training.text_to_image import Evaluator, export
+    from jaxdiff.training.text_to_image import Evaluator, export, train_step_for, training_resolution
 
     config = run.config
     data = load_captions(config.train_data, split=config.split, caption_column=config.caption_column,
@@ -209,14 +178,14 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     dtype = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
     pipe, params = load_pipeline(config.model_dir, dtype=dtype, param_dtype=jnp.float32,
                                  scheduler=settings.sample_scheduler)
-    resolution = resolution_of(config, pipe)
+    resolution = training_resolution(pipe, config.resolution)
     distributed.check_batch_size(config.batch_size)
     if config.batch_size > len(data):
         raise JaxdiffError(f"--batch-size {config.batch_size} is larger than the data set ({len(data)} images)")
     total_steps = run.plan_steps(len(data), config.batch_size, TEXT_TO_IMAGE_DEFAULT_STEPS, fixed_length=None
                                  if config.lr_schedule == "constant" else f"{config.lr_schedule} learning-rate schedule")
     fetch, loss_fn = batches_and_loss(run, settings, config, data, pipe, params, resolution)
-    train_step, tx, lr_schedule = make_step(config, loss_fn, total_steps)
+    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps)
     record = RunRecord(PROGRAM, dataclasses.asdict(config),
                        data={"fingerprint": data.fingerprint, "images": len(data), "source": data.source})
     state = run.start(create_train_state(params.pop("unet"), tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),

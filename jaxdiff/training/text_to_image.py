@@ -143,6 +143,45 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
 
 
 # --------------------------------------------------------------------------------------------
+# The training set-up of a Stable Diffusion folder
+# --------------------------------------------------------------------------------------------
+
+def training_scheduler(model_dir, prediction_type: Optional[str] = None):
+    """DDPM on the model's own beta schedule (and prediction type unless overridden), as
+    diffusers' training scripts build `DDPMScheduler.from_pretrained(model, "scheduler")`."""
+    from pathlib import Path
+
+    from jaxdiff.schedulers import create_scheduler
+
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    return create_scheduler(Path(model_dir) / "scheduler", name="ddpm", **overrides)
+
+
+def training_resolution(pipe, resolution: Optional[int] = None) -> int:
+    """`resolution` (None: the model's default size), checked against the VAE's downscale factor."""
+    resolution = resolution or pipe.default_size
+    f = pipe.vae_scale_factor
+    if resolution % f:
+        raise JaxdiffError(f"--resolution {resolution} must be a multiple of {f} (the VAE's downscale factor)")
+    return int(resolution)
+
+
+def train_step_for(config, loss_fn: Callable, total_steps: int):
+    """(train_step, optimizer, learning-rate schedule) of a fine-tuning config (the fields of
+    `jaxdiff.training.configs.TextToImageConfig`): AdamW with warm-up and clipping, optional EMA."""
+    from jaxdiff.training.optim import make_optimizer
+    from jaxdiff.training.state import EMA, make_train_step
+
+    tx, lr_schedule = make_optimizer(
+        config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
+        weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm or None)
+    ema = EMA(decay=config.ema_decay, update_after_step=config.ema_update_after_step, use_warmup=config.ema_warmup,
+              inv_gamma=config.ema_inv_gamma, power=config.ema_power) if config.ema_decay > 0 else None
+    return make_train_step(loss_fn, tx, ema=ema), tx, lr_schedule
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation and export (train.text_to_image)
 # --------------------------------------------------------------------------------------------
 
