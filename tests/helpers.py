@@ -55,6 +55,94 @@ def assert_trees_equal(a, b) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Text-to-image fine-tuning: the tiny SD fixture's sizes, a captioned image folder, batches and
+# the program's flags (test_text_to_image, test_program_text_to_image, test_distributed)
+# ------------------------------------------------------------------------------------------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+RES = 16  # pixels: 8×8 latents with the fixture's 2× VAE
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+def make_caption_folder(folder: Path, n: int = 16, fmt: str = "jsonl", seed: int = 0) -> Path:
+    """`n` images of one coloured square each (sizes vary, not square) with captions."""
+    import json
+
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        name = list(COLORS)[i % 4]
+        w, h = (24, 20) if i % 2 else (20, 28)
+        im = np.full((h, w, 3), 245, np.uint8)
+        y, x = rng.integers(2, h // 2), rng.integers(2, w // 2)
+        im[y:y + h // 2, x:x + w // 2] = COLORS[name]
+        Image.fromarray(im).save(folder / "images" / f"{i:03d}.png")
+        rows.append({"file_name": f"images/{i:03d}.png", "text": f"a {name} square"})
+    if fmt == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        (folder / "metadata.csv").write_text("file_name,text\n" + "".join(
+            f"{r['file_name']},{r['text']}\n" for r in rows))
+    return folder
+
+
+def tok_fn(pipe):
+    """The pipeline's tokenizer as `tok(strings) -> (n, L) ids`."""
+    from jaxdiff.tokenizer import tokenize
+
+    return lambda strings: tokenize(pipe.tokenizer, list(strings), pipe.max_length)
+
+
+def cached_batch(cache, ids):
+    """The cached batch (moments, context) of examples `ids` from the (data, LatentCache) fixture."""
+    data, c = cache
+    ids = np.asarray(ids)
+    b = c.fetch(ids, np.array([data.caption_ids[i][0] for i in ids]))
+    return {"moments": b["moments"], "context": b["context"]}
+
+
+OFFSET_SNR = dict(noise_offset=0.05, snr_gamma=5.0)
+
+
+def run_args(model_dir, data, out, *extra):
+    """train.text_to_image flags for the tiny fixture and a caption folder."""
+    return ["--model-dir", str(model_dir), "--train-data", str(data), "--out", str(out),
+            "--resolution", str(RES), "--batch-size", "8", "--no-progress", "--log-backend", "jsonl", *extra]
+
+
+TRAIN = [sys.executable, "-m", "train.text_to_image"]
+# The runs compared bit for bit: cached float32 latents, EMA, a checkpoint every 6 steps, kept.
+REFERENCE_FLAGS = ["--checkpoint-every", "6", "--lr", "1e-3", "--ema-decay", "0.9", "--cache-latents",
+                   "--cache-dtype", "float32", "--no-samples", "--best-metric", "none", "--keep-checkpoints", "5"]
+
+
+def checkpoint_part(out, step, part="params"):
+    """(tree, meta) of one part of RUN's checkpoint at `step`."""
+    from jaxdiff.training import Checkpointer
+
+    ckpt = Checkpointer(out / "checkpoints", create=False)
+    tree, meta = ckpt.restore_part(step, part)
+    ckpt.close()
+    return tree, meta
+
+
+def perturb(torch_model, scale: float = 0.02):
+    """Add N(0, scale²) noise to every parameter of a PyTorch model, in place (from torch's
+    global generator: seed it first), so no weight is zero and every path matters; returns it."""
+    import torch
+
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return torch_model
+
+
+# ------------------------------------------------------------------------------------------------
 # Schedulers and the sampling loop: a deterministic fake model and the trajectory runners that
 # drive diffusers' PyTorch scheduler and ours side by side (test_schedulers*, test_sampling)
 # ------------------------------------------------------------------------------------------------
@@ -187,14 +275,3 @@ def vp_weight(state) -> np.ndarray:
     """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
     t = np.asarray(state.loop_timesteps).astype(np.int64)
     return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])
-
-
-def perturb(torch_model, scale: float = 0.02):
-    """Add N(0, scale²) noise to every parameter of a PyTorch model, in place (from torch's
-    global generator: seed it first), so no weight is zero and every path matters; returns it."""
-    import torch
-
-    with torch.no_grad():
-        for p in torch_model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return torch_model

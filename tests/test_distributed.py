@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_text_to_image import (REFERENCE_FLAGS, TRAIN, assert_trees_equal, checkpoint_part,  # noqa: F401
-                                reference_run, run_args)
-
+from helpers import REFERENCE_FLAGS, TRAIN, assert_trees_equal, checkpoint_part, run_args
 from subprocesses import free_port, subprocess_env
 
 from jaxdiff.parallel import distributed

@@ -2,6 +2,8 @@
 loss, and orbax checkpoints (round trip, keep-last-N, damaged checkpoints skipped)."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,3 +274,61 @@ def test_a_checkpoint_of_another_model_does_not_restore(tmp_path):
                                optax.adam(1e-3), jax.random.PRNGKey(0), ema=True)
     with pytest.raises(JaxdiffError):
         ckpt.restore(0, other)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run folder: one record for every program; earlier versions' files still read
+# ------------------------------------------------------------------------------------------------
+
+def test_run_record_round_trips_and_names_its_program(tmp_path):
+    from jaxdiff.training.run_folder import RUN_FILE, RunRecord, holds_run, read_run, write_run
+
+    assert not holds_run(tmp_path)
+    record = RunRecord("train.mnist", {"lr": 1e-3, "seed": 0}, 40, {"source": "here"}, {"a": 1}, {"b": 2})
+    write_run(tmp_path, record)
+    assert json.loads((tmp_path / RUN_FILE).read_text())["format"] == "jaxdiff-run-1"
+    assert read_run(tmp_path) == record == read_run(tmp_path, "train.mnist")
+    assert holds_run(tmp_path)
+    with pytest.raises(JaxdiffError, match="holds a train.mnist run, not a train.text_to_image run folder"):
+        read_run(tmp_path, "train.text_to_image")
+    (tmp_path / RUN_FILE).write_text("{not json")
+    with pytest.raises(JaxdiffError, match="is damaged"):
+        read_run(tmp_path)
+
+
+def test_run_folders_of_earlier_versions_are_read(tmp_path):
+    from jaxdiff.pipelines.class_conditioned import RunConfig, is_run_folder
+    from jaxdiff.training.run_folder import read_run
+
+    mnist, sd, unet = tmp_path / "mnist", tmp_path / "sd", tmp_path / "unet"
+    for d in (mnist, sd, unet):
+        d.mkdir()
+    (mnist / "config.json").write_text(json.dumps({"model": {"m": 1}, "scheduler": {"s": 2},
+                                                   "train": {"lr": 0.5, "data": "MNIST test split"}}))
+    (sd / "train_config.json").write_text(json.dumps({"train": {"lr": 1e-5}, "total_steps": 9,
+                                                      "data": {"fingerprint": "f", "images": 3}}))
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "model": {}, "scheduler": {}}))
+    old = read_run(mnist, "train.mnist")
+    assert (old.train, old.data, old.total_steps) == ({"lr": 0.5}, {"source": "MNIST test split"}, None)
+    assert RunConfig.read(mnist) == RunConfig(model={"m": 1}, scheduler={"s": 2}, train={"lr": 0.5})
+    assert is_run_folder(mnist) and not is_run_folder(sd) and not is_run_folder(unet)
+    assert not is_run_folder(tmp_path / "nowhere")
+    assert read_run(sd, "train.text_to_image").total_steps == 9
+    with pytest.raises(JaxdiffError, match="is not a run folder"):
+        read_run(unet)  # a diffusers model's config.json is no run record
+
+
+def test_resume_keeps_the_run_config_and_refuses_other_flag_values():
+    import argparse
+
+    from jaxdiff.training.configs import MNIST_MISSING, MnistConfig
+    from jaxdiff.training.program import run_config
+
+    flags = argparse.Namespace(model=None, batch_size=None, lr=0.5, seed=None, cfg_dropout=None,
+                               ema_decay=None, snr_gamma=None)
+    assert run_config(MnistConfig, flags, None) == MnistConfig(lr=0.5)
+    saved = {"model": "tiny", "batch_size": 16, "lr": 0.5, "seed": 0, "cfg_dropout": 0.1, "ema_decay": 0.9}
+    resumed = run_config(MnistConfig, flags, saved, missing=MNIST_MISSING)
+    assert resumed == MnistConfig(model="tiny", batch_size=16, lr=0.5, ema_decay=0.9, snr_gamma=0.0)
+    with pytest.raises(JaxdiffError, match=r"--lr 0.5 differs from the run's 0.001; --resume keeps"):
+        run_config(MnistConfig, flags, {**saved, "lr": 0.001})
