@@ -1,9 +1,13 @@
-"""What the tests that start programs in child processes share: an environment with a given
-number of CPU devices and the test session's compilation cache, and a free localhost port."""
+"""What the tests that start programs share: an environment with a given number of CPU devices
+and the test session's compilation cache, a free localhost port, and ways to run train.mnist
+(a child process, in this process, stopped by a signal) and read its checkpoints."""
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +30,70 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# One tiny configuration for every program run, so they share compiled programs (XLA cache).
+TINY = ["--model", "tiny", "--batch-size", "16", "--sample-steps", "2", "--per-class", "1",
+        "--cfg-dropout", "0.1", "--ema-decay", "0.99"]
+
+
+def run_cli(module: str, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_in_process(*args) -> dict:
+    from train.mnist import parse_args, train
+
+    # --no-compile-cache: keep the test session's cache (conftest) rather than switch to the user's.
+    return train(parse_args(["--no-progress", "--no-compile-cache", *map(str, args)]))
+
+
+def final_params(run_dir: Path, part="params"):
+    from jaxdiff.training import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", create=False)
+    try:
+        return ckpt.restore_part(ckpt.steps[-1], part) + (ckpt.steps[-1],)
+    finally:
+        ckpt.close()
+
+
+def read_until(proc, pattern: str, timeout: float) -> str:
+    """Read the child's stderr until `pattern` shows up (tqdm writes progress there)."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            chunk = b""
+        seen += chunk.decode(errors="replace")
+        if pattern in seen:
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} from the training process:\n{seen[-2000:]}")
+
+
+def start_training(out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, args)],
+                            cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop_mid_run(proc, signum) -> str:
+    """Send `signum` once the child reports training progress; its stderr."""
+    try:
+        seen = read_until(proc, "loss=", timeout=400)
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen + rest.decode(errors="replace")
+
+
+STOPPABLE = [*TINY, "--no-samples"]  # progress bar on: the tests wait for it

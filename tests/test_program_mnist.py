@@ -10,45 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import assert_trees_equal
-from subprocesses import free_port, subprocess_env
+from subprocesses import (STOPPABLE, TINY, final_params, free_port, run_cli, start_training, stop_mid_run,
+                          subprocess_env, train_in_process)
 
 ROOT = Path(__file__).resolve().parents[1]
-# One tiny configuration for every program run, so they share compiled programs (XLA cache).
-TINY = ["--model", "tiny", "--batch-size", "16", "--sample-steps", "2", "--per-class", "1",
-        "--cfg-dropout", "0.1", "--ema-decay", "0.99"]
-
-
-def run_cli(module: str, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=subprocess_env(1),
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def train_in_process(*args) -> dict:
-    from train.mnist import parse_args, train
-
-    # --no-compile-cache: keep the test session's cache (conftest) rather than switch to the user's.
-    return train(parse_args(["--no-progress", "--no-compile-cache", *map(str, args)]))
-
-
-def final_params(run_dir: Path, part="params"):
-    from jaxdiff.training import Checkpointer
-
-    ckpt = Checkpointer(run_dir / "checkpoints", create=False)
-    try:
-        return ckpt.restore_part(ckpt.steps[-1], part) + (ckpt.steps[-1],)
-    finally:
-        ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, mnist_dir):
     """A tiny run of 3 steps with label dropout and EMA, through the command line."""
@@ -104,48 +74,11 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, mnist_dir):
         assert meta_a["data"] == meta_b["data"]
 
 
-def _read_until(proc, pattern: str, timeout: float) -> str:
-    """Read the child's stderr until `pattern` shows up (tqdm writes progress there)."""
-    fd = proc.stderr.fileno()
-    os.set_blocking(fd, False)
-    seen, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            chunk = b""
-        seen += chunk.decode(errors="replace")
-        if pattern in seen:
-            return seen
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} from the training process:\n{seen[-2000:]}")
-
-
-def _start_training(out: Path, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, args)],
-                            cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _stop_mid_run(proc, signum) -> str:
-    """Send `signum` once the child reports training progress; its stderr."""
-    try:
-        seen = _read_until(proc, "loss=", timeout=400)
-        proc.send_signal(signum)
-        _, rest = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return seen + rest.decode(errors="replace")
-
-
-STOPPABLE = [*TINY, "--no-samples"]  # progress bar on: the tests wait for it
-
-
 def test_sigterm_mid_run_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path, mnist_dir):
     out = tmp_path / "run"
     common = ["--data-dir", mnist_dir, *STOPPABLE]
-    proc = _start_training(out, "--steps", 100000, "--checkpoint-every", 100000, "--log-every", 1, *common)
-    stderr = _stop_mid_run(proc, signal.SIGTERM)
+    proc = start_training(out, "--steps", 100000, "--checkpoint-every", 100000, "--log-every", 1, *common)
+    stderr = stop_mid_run(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in stderr and "continue with --resume" in stderr
     _, _, stopped_at = final_params(out)
@@ -157,9 +90,9 @@ def test_sigterm_mid_run_checkpoints_the_current_step_and_resume_loses_nothing(t
 
 def test_ctrl_c_mid_run_checkpoints_and_exits_130(tmp_path, mnist_dir):
     out = tmp_path / "run"
-    proc = _start_training(out, "--data-dir", mnist_dir, "--steps", 100000, "--checkpoint-every", 100000,
+    proc = start_training(out, "--data-dir", mnist_dir, "--steps", 100000, "--checkpoint-every", 100000,
                            "--log-every", 1, *STOPPABLE)
-    stderr = _stop_mid_run(proc, signal.SIGINT)
+    stderr = stop_mid_run(proc, signal.SIGINT)
     assert proc.returncode == 130 and "Traceback" not in stderr
     assert final_params(out)[2] >= 1
 

@@ -17,7 +17,7 @@ from helpers import assert_trees_equal
 from jaxdiff.errors import JaxdiffError, cli_main
 from jaxdiff.parallel import distributed
 from jaxdiff.training import create_train_state, make_train_step
-from jaxdiff.training.run_lock import FolderLock
+from jaxdiff.data.folder_lock import FolderLock
 
 
 def _quadratic_loss(params, batch, key):
@@ -83,7 +83,7 @@ def test_a_second_writer_gets_one_clear_error(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_is_free(tmp_path):
     folder = tmp_path / "run"
-    code = ("import sys, time; from jaxdiff.training.run_lock import FolderLock; "
+    code = ("import sys, time; from jaxdiff.data.folder_lock import FolderLock; "
             f"FolderLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -130,3 +130,229 @@ def test_on_main_process_reports_a_failure_as_one_jaxdiff_error():
     with pytest.raises(JaxdiffError, match=r"^writing the run config failed: Permission denied: /runs/x/run.json$"):
         distributed.on_main_process(write_config, "writing the run config")
     assert distributed.on_main_process(lambda: 42, "answering") == 42
+
+
+# ------------------------------------------------------------------------------------------------
+# The same faults in a real program run (train.mnist, tiny model)
+# ------------------------------------------------------------------------------------------------
+
+def _mnist_flags(mnist_dir, *extra):
+    return ["--data-dir", mnist_dir, "--model", "tiny", "--batch-size", 16, "--no-samples",
+            "--cfg-dropout", 0.1, "--ema-decay", 0.9, *extra]
+
+
+def _poison_steps(monkeypatch, poisoned):
+    """train.mnist's train step, with the loss made NaN at the steps `poisoned(step)` says."""
+    import jaxdiff.training as training
+
+    real = training.make_train_step
+
+    def make_poisoned_step(loss_fn, tx, **kwargs):
+        def loss(params, batch, key):
+            value, metrics = loss_fn(params, {k: v for k, v in batch.items() if k != "poison"}, key)
+            return value + batch["poison"], metrics
+
+        step_fn = real(loss, tx, **kwargs)
+
+        def train_step(state, batch):
+            return step_fn(state, {**batch, "poison": jnp.where(poisoned(state.step + 1), jnp.nan, 0.0)})
+
+        return train_step
+
+    monkeypatch.setattr(training, "make_train_step", make_poisoned_step)
+
+
+def _finite(tree) -> bool:
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
+
+
+def test_a_nan_step_in_a_run_is_skipped_counted_and_the_run_finishes(tmp_path, mnist_dir, monkeypatch):
+    from subprocesses import final_params, train_in_process
+
+    _poison_steps(monkeypatch, lambda step: step == 2)
+    summary = train_in_process("--out", tmp_path / "run", "--steps", 4, "--checkpoint-every", 2,
+                               *_mnist_flags(mnist_dir))
+    assert summary["global_step"] == 4 and summary["skipped_steps"] == 1
+    assert np.isfinite(summary["final_loss"])
+    for part in ("params", "ema_params"):
+        params, _, step = final_params(tmp_path / "run", part)
+        assert step == 4 and _finite(params)
+
+
+def test_non_finite_steps_in_a_row_end_the_run_in_one_line_with_the_last_step_saved(
+        tmp_path, mnist_dir, monkeypatch, capsys):
+    from subprocesses import final_params
+    from train.mnist import main
+
+    _poison_steps(monkeypatch, lambda step: step >= 3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), "--steps", "50", "--checkpoint-every", "100", "--no-progress",
+              "--no-compile-cache", "--max-nonfinite-steps", "3", *map(str, _mnist_flags(mnist_dir))])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert "3 steps in a row (up to step 5) had a non-finite loss" in errors[0]
+    assert "--max-nonfinite-steps" in errors[0] and "continue with --resume" in errors[0]
+    params, _, step = final_params(tmp_path / "run")
+    assert step >= 5 and _finite(params)  # never a non-finite state on disk
+
+
+def test_an_exception_mid_run_saves_the_last_step_and_resume_equals_an_uninterrupted_run(
+        tmp_path, mnist_dir, monkeypatch, capsys):
+    from subprocesses import final_params, train_in_process
+
+    from jaxdiff.data.batches import BatchIterator
+    from train.mnist import main
+
+    flags = _mnist_flags(mnist_dir, "--checkpoint-every", 100)
+    real_next = BatchIterator.__next__
+    served = []
+
+    def failing_next(self):
+        if len(served) == 3:
+            raise OSError(errno.EIO, "Input/output error", "/data/mnist/t10k-images-idx3-ubyte.gz")
+        served.append(1)
+        return real_next(self)
+
+    monkeypatch.setattr(BatchIterator, "__next__", failing_next)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), "--steps", "6", "--no-progress", "--no-compile-cache",
+              *map(str, flags)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: Input/output error: /data/mnist/t10k-images-idx3-ubyte.gz (step 3 is saved "
+                      f"in {tmp_path / 'run' / 'checkpoints'}: continue with --resume)"]
+    assert "Traceback" not in err
+    assert final_params(tmp_path / "run")[2] == 3
+    monkeypatch.setattr(BatchIterator, "__next__", real_next)
+    train_in_process("--out", tmp_path / "run", "--steps", 6, "--resume", *flags)
+    train_in_process("--out", tmp_path / "straight", "--steps", 6, *flags)
+    for part in ("params", "ema_params"):
+        assert_trees_equal(final_params(tmp_path / "run", part)[0], final_params(tmp_path / "straight", part)[0])
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_line_and_the_earlier_checkpoint_resumes(
+        tmp_path, mnist_dir, monkeypatch, capsys):
+    from subprocesses import final_params, train_in_process
+
+    from jaxdiff.training.checkpoint import Checkpointer
+    from train.mnist import main
+
+    flags = _mnist_flags(mnist_dir, "--checkpoint-every", 2)
+    real_save = Checkpointer.save
+
+    def save(self, state, *args, **kwargs):
+        if int(jax.device_get(state.step)) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "4"))
+        return real_save(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), "--steps", "6", "--no-progress", "--no-compile-cache",
+              *map(str, flags)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "free some space" in errors[0], errors
+    assert "Traceback" not in err
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert final_params(tmp_path / "run")[2] == 2
+    train_in_process("--out", tmp_path / "run", "--steps", 6, "--resume", *flags)
+    train_in_process("--out", tmp_path / "straight", "--steps", 6, *flags)
+    assert_trees_equal(final_params(tmp_path / "run")[0], final_params(tmp_path / "straight")[0])
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_trains(tmp_path, mnist_dir):
+    from subprocesses import STOPPABLE, read_until, run_cli, start_training
+
+    out = tmp_path / "run"
+    first = start_training(out, "--data-dir", mnist_dir, "--steps", 100000, "--checkpoint-every", 100000,
+                           *STOPPABLE)
+    try:
+        read_until(first, "loss=", timeout=400)
+        for extra in ([], ["--resume"]):
+            proc = run_cli("train.mnist", "--out", out, "--data-dir", mnist_dir, "--steps", 5, *extra,
+                           *STOPPABLE, check=False)
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+            assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+            assert "is in use by another training run" in errors[0] and "choose another --out" in errors[0]
+    finally:
+        first.kill()
+        first.wait()
+    # The lock went with the killed process: the run resumes.
+    run_cli("train.mnist", "--out", out, "--data-dir", mnist_dir, "--steps", 1, "--resume", *STOPPABLE,
+            "--no-progress")
+
+
+def test_sigterm_twice_still_saves_the_step_and_resume_loses_nothing(tmp_path, mnist_dir):
+    import signal
+
+    from subprocesses import STOPPABLE, final_params, read_until, run_cli, start_training
+
+    out = tmp_path / "run"
+    common = ["--data-dir", mnist_dir, *STOPPABLE]
+    proc = start_training(out, "--steps", 100000, "--checkpoint-every", 100000, *common)
+    try:
+        read_until(proc, "loss=", timeout=400)
+        proc.send_signal(signal.SIGTERM)
+        seen = read_until(proc, "stopping after this step", timeout=60)
+        proc.send_signal(signal.SIGTERM)  # while it stops and saves
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = seen + rest.decode(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    _, _, stopped_at = final_params(out)
+    assert stopped_at >= 1
+    run_cli("train.mnist", "--out", out, "--steps", stopped_at + 1, "--resume", *common, "--no-progress")
+    run_cli("train.mnist", "--out", tmp_path / "straight", "--steps", stopped_at + 1, *common, "--no-progress")
+    assert_trees_equal(final_params(out)[0], final_params(tmp_path / "straight")[0])
+
+
+def test_resume_with_other_data_is_refused(tmp_path, mnist_dir):
+    from subprocesses import run_cli
+
+    from jaxdiff.data.mnist import load_idx_folder, write_idx
+
+    run_cli("train.mnist", "--out", tmp_path / "run", "--data-dir", mnist_dir, "--steps", 1, "--model", "tiny",
+            "--batch-size", 16, "--no-samples", "--no-progress")
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    data = load_idx_folder(mnist_dir)
+    write_idx(fewer / "t10k-images-idx3-ubyte", data.images[:5000, ..., 0])
+    write_idx(fewer / "t10k-labels-idx1-ubyte", data.labels[:5000].astype(np.uint8))
+    proc = run_cli("train.mnist", "--out", tmp_path / "run", "--data-dir", fewer, "--steps", 2, "--resume",
+                   "--no-progress", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the training data changed since this run started")
+
+
+def test_a_failure_on_process_0_alone_ends_both_processes_with_its_error(tmp_path, mnist_dir):
+    """Only process 0 writes samples.png; here it cannot (a folder has that name). Both processes
+    must exit with that error, quickly, instead of process 1 waiting for a heartbeat time-out."""
+    from subprocesses import ROOT, TINY, free_port, subprocess_env
+
+    out = tmp_path / "run"
+    (out / "samples.png").mkdir(parents=True)
+    address = f"127.0.0.1:{free_port()}"
+    flags = ["--out", out, "--data-dir", mnist_dir, "--steps", 1, "--no-progress", *TINY,
+             "--coordinator-address", address, "--num-processes", 2, "--distributed-timeout", 60]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "train.mnist", *map(str, flags), "--process-id", str(i)],
+                              cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    seconds = time.monotonic() - t0
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1, err[-2000:]
+        assert "writing samples.png failed: Is a directory" in errors[0]
+        assert errors[0].startswith("error: process 0: ") == (i == 1)
+    assert seconds <= 60, f"{seconds:.0f} s"

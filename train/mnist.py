@@ -95,7 +95,8 @@ def new_run(config: MnistConfig, data):
         raise JaxdiffError(f"the {config.model} model cannot take {h}x{w}x{c} images: {e}") from None
     sched = dict(MNIST_TRAIN_SCHEDULER)
     scheduler = create_scheduler(sched.pop("name"), **sched)
-    return RunRecord(PROGRAM, dataclasses.asdict(config), data={"source": data.source}, model=model.to_config(),
+    return RunRecord(PROGRAM, dataclasses.asdict(config), model=model.to_config(),
+                     data={"source": data.source, "fingerprint": data.fingerprint, "images": len(data)},
                      scheduler={"_class_name": scheduler.diffusers_class, **scheduler.config})
 
 
@@ -126,6 +127,7 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
 
     config = run.config
     data = load_mnist(settings.data_dir, verbose=run.main)
+    run.check_same_data(data.fingerprint, len(data))
     record = run.record if run.resuming else new_run(config, data)
     run_config = RunConfig(model=record.model, scheduler=record.scheduler, train=record.train)
     model, scheduler = run_config.build_model(), run_config.training_scheduler()
@@ -159,12 +161,15 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
     trained = run.train(parallel.pmap(train_step), parallel.replicate(state),
                         lambda: parallel.shard(next(batches)), lambda: batches.position, evaluate=evaluate)
     summary = {**run.summary(trained, config.batch_size), "compile_seconds": round(trained.compile_seconds, 2)}
-    if settings.samples and run.main:
-        t0 = time.perf_counter()
-        grid = grids.grid(sampling_params(parallel.host_copy(trained.state)))
-        summary["sample_seconds"] = round(time.perf_counter() - t0, 2)
-        summary["samples"] = str(save_png(grid, run.run_dir / "samples.png", scale=2))
-        run.log.image(trained.step, "samples", grid)
+    if settings.samples:
+        def write_samples():
+            t0 = time.perf_counter()
+            grid = grids.grid(sampling_params(parallel.host_copy(trained.state)))
+            summary["sample_seconds"] = round(time.perf_counter() - t0, 2)
+            summary["samples"] = str(save_png(grid, run.run_dir / "samples.png", scale=2))
+            run.log.image(trained.step, "samples", grid)
+
+        distributed.on_main_process(write_samples, "writing samples.png")
     run.close()
     return summary
 
@@ -177,8 +182,8 @@ def train(args: argparse.Namespace) -> dict:
     distributed.initialize(distributed.config_from_args(args))
     enable_compile_cache(args)
     settings = from_flags(MnistSettings, args)
-    run = TrainingRun(PROGRAM, MnistConfig, settings, args.out, args, missing=MNIST_MISSING)
-    return train_and_evaluate(run, settings)
+    with TrainingRun(PROGRAM, MnistConfig, settings, args.out, args, missing=MNIST_MISSING) as run:
+        return train_and_evaluate(run, settings)
 
 
 @cli_main

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
                          in_range, positive, print_report, program_parser)
+from jaxdiff.data.captions import MAX_IMAGE_PIXELS, ON_BAD_IMAGE, ON_BAD_IMAGE_CHOICES
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.parallel import distributed
 from jaxdiff.training.configs import TEXT_TO_IMAGE_DEFAULT_STEPS, TextToImageConfig, TextToImageSettings
@@ -99,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--guidance-scale", type=num, default=7.5)
     g.add_argument("--no-samples", dest="samples", action="store_false", help="no sample grids")
     g.add_argument("--workers", type=int, default=4, help="image-loading threads")
+    g.add_argument("--on-bad-image", choices=ON_BAD_IMAGE_CHOICES, default=ON_BAD_IMAGE,
+                   help="an unreadable or too large image: skip it (counted, with a warning; its batch "
+                        f"slot goes to another example) or stop with an error (default {ON_BAD_IMAGE})")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"larger images count as bad (default {MAX_IMAGE_PIXELS:,}, PIL's own limit)")
+    g.add_argument("--allow-outside-paths", action="store_true",
+                   help="let the data's file_name entries point outside its folder (../, absolute, symlinks)")
     g.add_argument("--no-export-pipeline", dest="export_pipeline", action="store_false",
                    help="export RUN/unet only, without copying the model's other components into RUN")
     add_loop_flags(p, TEXT_TO_IMAGE_DEFAULT_STEPS, eval_help="every N steps: a fixed-noise eval loss and a "
@@ -110,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     check_loop_flags(args)
-    at_least(args, 1, "batch_size", "resolution", "samples_per_prompt", "sample_steps", "workers")
+    at_least(args, 1, "batch_size", "resolution", "samples_per_prompt", "sample_steps", "workers",
+             "max_image_pixels")
     at_least(args, 0, "warmup_steps", "ema_update_after_step", "weight_decay", "noise_offset", "max_grad_norm")
     positive(args, "lr", "snr_gamma", "ema_inv_gamma", "ema_power", "adam_epsilon")
     in_range(args, 0.0, 1.0, "cfg_dropout", "ema_decay", "adam_beta1", "adam_beta2")
@@ -150,7 +159,7 @@ def batches_and_loss(run, settings, config, data, pipe, params, resolution):
             verbose=run.main, **sd_encoders(pipe))
         fetch, null_context = cache.fetch, cache.null_context
     else:
-        fetch = pixel_fetcher(data, resolution, tok, workers=settings.workers)
+        fetch = pixel_fetcher(data, resolution, tok, workers=settings.workers, on_bad_image=settings.on_bad_image)
     loss_cfg = LossConfig(cfg_dropout=config.cfg_dropout, noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
     return fetch, text_to_image_loss(pipe, training_scheduler(config.model_dir, config.prediction_type), loss_cfg, null_ids=tok([""])[0],
                                      null_context=null_context)
@@ -172,8 +181,8 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
 
     config = run.config
     data = load_captions(config.train_data, split=config.split, caption_column=config.caption_column,
-                         image_column=config.image_column, verbose=run.main)
-    distributed.all_equal(data.fingerprint, "the training data")
+                         image_column=config.image_column, verbose=run.main,
+                         allow_outside_paths=settings.allow_outside_paths, max_image_pixels=settings.max_image_pixels)
     run.check_same_data(data.fingerprint, len(data))
     dtype = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
     pipe, params = load_pipeline(config.model_dir, dtype=dtype, param_dtype=jnp.float32,
@@ -225,11 +234,15 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
                "ema": config.ema_decay > 0}
     if "eval_loss" in last_eval:
         summary["eval_loss"] = round(last_eval["eval_loss"], 5)
-    if run.main:
+    summary["skipped_images"] = batches.skipped_images  # this process's share
+
+    def samples_and_export():
         if settings.samples:
             summary["samples"] = str(evaluator.log_eval(run.log, trained.state, trained.step, with_loss=False))
         unet_params = sampling_params(parallel.host_copy(trained.state))
         summary["unet"] = str(export(run.run_dir, pipe, unet_params, with_pipeline=settings.export_pipeline))
+
+    distributed.on_main_process(samples_and_export, "writing the samples and the exported UNet")
     run.close()
     return summary
 
@@ -242,10 +255,10 @@ def train(args: argparse.Namespace) -> dict:
     distributed.initialize(distributed.config_from_args(args))
     enable_compile_cache(args)
     settings = from_flags(TextToImageSettings, args, validation_prompt=tuple(args.validation_prompt or ()) or None)
-    run = TrainingRun(PROGRAM, TextToImageConfig, settings, args.out, args)
-    if not run.resuming:
-        run.config = new_config(run.config)
-    return train_and_evaluate(run, settings)
+    with TrainingRun(PROGRAM, TextToImageConfig, settings, args.out, args) as run:
+        if not run.resuming:
+            run.config = new_config(run.config)
+        return train_and_evaluate(run, settings)
 
 
 @cli_main

@@ -29,8 +29,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from jaxdiff.parallel import distributed
+from jaxdiff.data.folder_lock import FolderLock
 from jaxdiff.errors import JaxdiffError
+from jaxdiff.parallel import distributed
 
 FORMAT = "jaxdiff-latent-cache-1"
 DTYPES = ("float16", "float32")
@@ -142,9 +143,28 @@ class LatentCache:
                 distributed.log(f"latent cache: reusing {folder}")
             return cls(folder)
         shared = _shared_filesystem(folder.parent)
+        writer = distributed.is_main_process() or not shared
+        # One builder per cache folder: a second run sharing it gets one error line instead of
+        # deleting the first's half-built folder.
+        def take_lock():
+            return FolderLock(folder.parent, purpose="latent cache build", lock_name=f".{folder.name}.lock",
+                              hint=", or give this run its own --cache-dir").acquire()
+
+        lock = distributed.on_main_process(take_lock, "locking the latent cache") if shared else take_lock()
+        try:
+            if lock is not None and cls._matches(folder, key):  # built while we waited for the lock
+                return cls(folder)
+            return cls._build(folder, key, data, pipe, params, shared, writer, resolution, tokenize,
+                              (encode_images, encode_text), dtype, batch_size, workers, verbose)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @classmethod
+    def _build(cls, folder, key, data, pipe, params, shared, writer, resolution, tokenize, encoders,
+               dtype, batch_size, workers, verbose) -> "LatentCache":
         parts = distributed.process_count() if shared else 1
         mine = distributed.process_index() if shared else 0
-        writer = distributed.is_main_process() or not shared
         tmp = folder.with_name(f".{folder.name}.building")
         if writer:
             if folder.exists():
@@ -155,7 +175,7 @@ class LatentCache:
         moment_chunks = _chunks(len(data), parts)
         context_chunks = _chunks(len(data.caption_strings), parts)
         t0 = time.perf_counter()
-        _encode_part(tmp, data, pipe, params, (encode_images, encode_text), resolution, tokenize,
+        _encode_part(tmp, data, pipe, params, encoders, resolution, tokenize,
                      np.dtype(dtype), batch_size, workers,
                      mine if shared else None, moment_chunks if shared else [(0, len(data))],
                      context_chunks if shared else [(0, len(data.caption_strings))], verbose)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jaxdiff.data.captions import MAX_IMAGE_PIXELS, ON_BAD_IMAGE
 from jaxdiff.training.program import LoopSettings
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +113,9 @@ class TextToImageSettings(LoopSettings):
     """Checkpoints kept by `best_metric` too ("none": off); sample grids of `validation_prompt`s
     (None: the first captions), `samples_per_prompt` each, `sample_steps` with
     `sample_scheduler` (None: the model's) at `guidance_scale`; `workers` image-loading threads;
-    `cache_dir` (None: RUN/cache); `export_pipeline`: copy the model's other components into RUN."""
+    `cache_dir` (None: RUN/cache); `export_pipeline`: copy the model's other components into RUN;
+    the data's files must lie inside its folder unless `allow_outside_paths`; images over
+    `max_image_pixels` or unreadable are skipped or an error (`on_bad_image`)."""
 
     best_metric: str = "eval_loss"
     validation_prompt: Optional[tuple] = None
@@ -124,3 +127,6 @@ class TextToImageSettings(LoopSettings):
     workers: int = 4
     cache_dir: Optional[str] = None
     export_pipeline: bool = True
+    allow_outside_paths: bool = False
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    on_bad_image: str = ON_BAD_IMAGE

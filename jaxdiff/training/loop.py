@@ -9,6 +9,7 @@ the second step. Checkpoint writes and evaluations are not counted as training t
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -41,6 +42,15 @@ def summary(start_step: int, step: int, timed_from: int, train_seconds: float, b
     }
 
 
+@dataclasses.dataclass
+class _Progress:
+    """The newest completed step and its state, and the newest checkpointed step."""
+
+    state: Any
+    step: int
+    saved_step: int
+
+
 def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any], *, start_step: int,
               total_steps: int, checkpoint_every: int, eval_every: int, stop,
               on_metrics: Callable[[int, Mapping], None],
@@ -53,12 +63,45 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any], *, s
     `on_checkpoint(state, step)` runs every `checkpoint_every` steps, at the last step and when
     `stop` (a `jaxdiff.training.preemption.StopRequests`) asks to stop; `on_eval(state, step)` every
     `eval_every` steps (0: never) before the last. Both see every earlier step's metrics first.
+
+    When anything raises an `Exception` on the way (an unreadable batch, a full disk, a callback
+    that gives up), the newest completed step is checkpointed first, unless it already was, and
+    the exception then goes on to the caller: no completed step is lost.
     """
+    progress = _Progress(state, start_step, start_step)
+
+    def checkpoint(state, step):
+        on_checkpoint(state, step)
+        progress.saved_step = step
+
+    try:
+        return _loop(step_fn, progress, next_batch, total_steps, checkpoint_every, eval_every, stop,
+                     on_metrics, checkpoint, on_eval, on_timing_start)
+    except Exception as error:
+        if progress.step > progress.saved_step:
+            _save_after_failure(progress, on_checkpoint, error)
+        raise
+
+
+def _save_after_failure(progress: _Progress, on_checkpoint, error: Exception) -> None:
+    print(f"warning: stopping at step {progress.step} ({type(error).__name__}); saving a checkpoint "
+          "of it first", file=sys.stderr, flush=True)
+    try:
+        on_checkpoint(progress.state, progress.step)
+        progress.saved_step = progress.step
+    except Exception as save_error:  # the original error is the one to report
+        print(f"warning: the checkpoint of step {progress.step} could not be saved either "
+              f"({type(save_error).__name__}: {save_error})", file=sys.stderr, flush=True)
+
+
+def _loop(step_fn, progress: _Progress, next_batch, total_steps, checkpoint_every, eval_every, stop,
+          on_metrics, on_checkpoint, on_eval, on_timing_start) -> LoopResult:
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, next_batch())
+    state, metrics = step_fn(progress.state, next_batch())
     jax.block_until_ready(state)
     compile_seconds = time.perf_counter() - t0
-    step = timed_from = start_step + 1
+    step = timed_from = progress.step + 1
+    progress.state, progress.step = state, step
     on_timing_start(step)
     pending = (step, metrics)
     stopped_by, train_seconds = None, 0.0
@@ -85,6 +128,7 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any], *, s
             break
         state, metrics = step_fn(state, next_batch())
         step += 1
+        progress.state, progress.step = state, step
         if pending is not None:
             on_metrics(*pending)
         pending = (step, metrics)

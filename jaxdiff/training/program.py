@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from jaxdiff.cli import at_least, finite_float, flag, one_of, positive
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import JaxdiffError, describe_os_error
 from jaxdiff.parallel import distributed
 from jaxdiff.training.run_folder import CHECKPOINTS, RunRecord, holds_run, read_run, write_run
+from jaxdiff.data.folder_lock import FolderLock
 
 FINAL_LOSS_WINDOW = 50  # the summary's final_loss: the mean of the last steps' losses
+MAX_NONFINITE_STEPS = 20  # non-finite steps in a row (each skipped) before a run gives up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,8 @@ class LoopSettings:
     `epochs`; None: the run's planned length, else the program's default), `resume`,
     checkpoints every `checkpoint_every` steps (the last `keep_checkpoints` kept), an evaluation
     every `eval_every` steps (0 = never), the loss logged every `log_every` steps to
-    `log_backend`, a progress bar."""
+    `log_backend`, a progress bar. A run stops with an error after `max_nonfinite_steps` steps
+    in a row whose loss or gradients were not finite (their updates are skipped)."""
 
     steps: Optional[int] = None
     epochs: Optional[float] = None
@@ -45,6 +48,7 @@ class LoopSettings:
     log_every: int = 10
     log_backend: str = "auto"
     progress: bool = True
+    max_nonfinite_steps: int = MAX_NONFINITE_STEPS
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_help: str) -> None:
@@ -62,10 +66,13 @@ def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_
     g.add_argument("--log-backend", choices=("auto", "tensorboard", "jsonl", "none"), default="auto",
                    help="RUN/logs: TensorBoard when installed (auto), else JSONL (metrics.jsonl + PNGs)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--max-nonfinite-steps", type=int, default=MAX_NONFINITE_STEPS,
+                   help="steps in a row with a non-finite loss or gradient (each one's update is "
+                        f"skipped) before the run stops with an error (default {MAX_NONFINITE_STEPS})")
 
 
 def check_loop_flags(args: argparse.Namespace) -> None:
-    at_least(args, 1, "steps", "checkpoint_every", "keep_checkpoints", "log_every")
+    at_least(args, 1, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_steps")
     at_least(args, 0, "eval_every")
     one_of(args, "steps", "epochs")
     positive(args, "epochs")
@@ -112,10 +119,14 @@ class Trained:
     train_seconds: float = 0.0
     compile_seconds: float = 0.0
     losses: list = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite (update skipped)
 
 
 class TrainingRun:
-    """One invocation of a training program on its run folder (see the module docstring)."""
+    """One invocation of a training program on its run folder (see the module docstring).
+    The main process holds the folder's lock (`FolderLock`) from before it looks into the
+    folder until `close`: a second run (or `--resume`) on the same folder gets one error line.
+    Use it as a context manager so the lock is let go however the run ends."""
 
     def __init__(self, program: str, config_cls, settings: LoopSettings, run_dir: str | Path,
                  args: argparse.Namespace, *, missing: Mapping = {}):
@@ -123,21 +134,43 @@ class TrainingRun:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.ckpt_dir = self.run_dir / CHECKPOINTS
         self.main = distributed.is_main_process()
-        self.record: Optional[RunRecord] = read_run(self.run_dir, program) if settings.resume else None
-        if self.record is None and holds_run(self.run_dir):
-            raise JaxdiffError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                               "choose a new --out")
-        self.config = run_config(config_cls, args, self.record.train if self.record else None, missing=missing)
-        distributed.all_equal(repr(self.config), "the run's settings")
         self.checkpointer = self.log = None
         self.total_steps = 0
+        self.lock = distributed.on_main_process(
+            lambda: FolderLock(self.run_dir, purpose="training run", hint=" or choose another --out").acquire(),
+            f"locking the run folder {run_dir}")
+        try:
+            self.record: Optional[RunRecord] = read_run(self.run_dir, program) if settings.resume else None
+            if self.record is None and holds_run(self.run_dir):
+                raise JaxdiffError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                                   "choose a new --out")
+            self.config = run_config(config_cls, args, self.record.train if self.record else None,
+                                     missing=missing)
+            distributed.all_equal(repr(self.config), "the run's settings")
+        except BaseException:
+            self.release()
+            raise
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder (also done by `close`)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def resuming(self) -> bool:
         return self.record is not None
 
     def check_same_data(self, fingerprint: Optional[str], images: int) -> None:
-        """--resume continues exactly only on the data the run started with."""
+        """Every process must read the same data, and --resume continues exactly only on the
+        data the run started with."""
+        distributed.all_equal(str(fingerprint), "the training data")
         saved = self.record.data if self.record else {}
         if saved.get("fingerprint") not in (None, fingerprint):
             raise JaxdiffError(f"the training data changed since this run started ({saved.get('images')} "
@@ -178,10 +211,8 @@ class TrainingRun:
         state = template
         if self.resuming:
             state, self.position = resume_everywhere(self.checkpointer, template, self.ckpt_dir)
-            if self.main and self.record.total_steps != self.total_steps:
-                write_run(self.run_dir, record)  # a run extended or shortened
-        elif self.main:
-            write_run(self.run_dir, record)
+        if not self.resuming or self.record.total_steps != self.total_steps:  # new, extended or shortened
+            distributed.on_main_process(lambda: write_run(self.run_dir, record), "writing the run record")
         distributed.sync("run-folder-ready")
         self.start_step = int(state.step)
         self.log = RunLog(self.run_dir, total_steps=self.total_steps, initial_step=self.start_step,
@@ -210,8 +241,23 @@ class TrainingRun:
             log.write(f"the run is already at step {start}; nothing to train (raise --steps)")
             return trained
         window: list[float] = []  # the losses since the last checkpoint
+        nonfinite_in_a_row = 0
+        saved = [start]  # the newest checkpointed step
 
         def record(step, metrics):
+            nonlocal nonfinite_in_a_row
+            if float(metrics.get("nonfinite", [0.0])[0]):
+                trained.skipped_steps += 1
+                nonfinite_in_a_row += 1
+                log.write(f"warning: step {step}: non-finite loss or gradients; its update was skipped")
+                log.scalars(step, {"skipped_steps": trained.skipped_steps})
+                if nonfinite_in_a_row >= s.max_nonfinite_steps:
+                    raise JaxdiffError(
+                        f"{nonfinite_in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                        "gradients, so their updates were skipped; lower --lr, check the data, or raise "
+                        "--max-nonfinite-steps")
+                return
+            nonfinite_in_a_row = 0
             value = float(metrics["loss"][0])
             trained.losses.append(value)
             window.append(value)
@@ -222,18 +268,28 @@ class TrainingRun:
         def checkpoint(p_state, step):
             metrics = checkpoint_metrics(p_state, list(window)) if checkpoint_metrics else None
             window.clear()
-            if self.checkpointer is not None:
-                self.checkpointer.save(parallel.host_copy(p_state), {"data": position().to_dict()},
-                                       metrics=metrics)
+            distributed.on_main_process(
+                lambda: self.checkpointer.save(parallel.host_copy(p_state), {"data": position().to_dict()},
+                                               metrics=metrics), f"saving the checkpoint of step {step}")
+            saved[0] = step
 
+        # The signal handlers stay until the last save is on disk: a second SIGTERM cannot cut it.
         with StopRequests() as stop:
-            result = run_steps(step_fn, p_state, next_batch, start_step=start, total_steps=self.total_steps,
-                               checkpoint_every=s.checkpoint_every, eval_every=s.eval_every, stop=stop,
-                               on_metrics=record, on_checkpoint=checkpoint, on_eval=evaluate,
-                               on_timing_start=log.start_timing)
-        close_data()
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
+            try:
+                result = run_steps(step_fn, p_state, next_batch, start_step=start, total_steps=self.total_steps,
+                                   checkpoint_every=s.checkpoint_every, eval_every=s.eval_every, stop=stop,
+                                   on_metrics=record, on_checkpoint=checkpoint, on_eval=evaluate,
+                                   on_timing_start=log.start_timing)
+            except (JaxdiffError, OSError) as e:
+                self._finish_saves(close_data)
+                message = str(e) if isinstance(e, JaxdiffError) else describe_os_error(e)
+                if saved[0] > start:
+                    message += f" (step {saved[0]} is saved in {self.ckpt_dir}: continue with --resume)"
+                raise JaxdiffError(message) from None
+            except BaseException:
+                self._finish_saves(close_data)
+                raise
+            self._finish_saves(close_data)
         if result.stopped_by is not None:
             self.close(finished=False)
             distributed.log(f"stopped at step {result.step}; checkpoint saved in {self.ckpt_dir}; "
@@ -242,6 +298,14 @@ class TrainingRun:
         return dataclasses.replace(trained, state=result.state, step=result.step, timed_from=result.timed_from,
                                    train_seconds=result.train_seconds, compile_seconds=result.compile_seconds)
 
+    def _finish_saves(self, close_data: Callable[[], None]) -> None:
+        """Stop the data workers and wait until every checkpoint is on disk."""
+        try:
+            close_data()
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+
     def summary(self, trained: Trained, batch_size: int) -> dict:
         """The common part of the program's one-line JSON report."""
         from jaxdiff.training.loop import summary
@@ -249,7 +313,7 @@ class TrainingRun:
         return {**summary(trained.start_step, trained.step, trained.timed_from, trained.train_seconds,
                           batch_size, trained.losses, FINAL_LOSS_WINDOW),
                 "devices": distributed.global_device_count(), "processes": distributed.process_count(),
-                "batch_size": batch_size}
+                "batch_size": batch_size, "skipped_steps": trained.skipped_steps}
 
     def close(self, finished: bool = True) -> None:
         """Close the log and the checkpoints; at the end of a run, wait for every process."""
@@ -257,5 +321,6 @@ class TrainingRun:
             self.log.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
+        self.release()
         if finished:
             distributed.sync("run-finished")

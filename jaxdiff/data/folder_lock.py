@@ -23,18 +23,19 @@ LOCK_NAME = ".jaxdiff.lock"
 
 
 class FolderLock:
-    """An exclusive lock on `folder` (created if missing). `wait_s`: how long to wait for another
-    holder to let go (0: fail at once with one clear error)."""
+    """An exclusive lock on `folder` (created if missing), held on its file `lock_name`.
+    `wait_s`: how long to wait for another holder to let go (0: fail at once with one clear
+    error naming the holder, `purpose` and `hint`)."""
 
     def __init__(self, folder: str | os.PathLike, *, purpose: str = "run", hint: str = "",
-                 wait_s: float = 0.0):
+                 wait_s: float = 0.0, lock_name: str = LOCK_NAME):
         self.folder = Path(folder).expanduser().absolute()
-        self.purpose, self.hint, self.wait_s = purpose, hint, wait_s
+        self.purpose, self.hint, self.wait_s, self.lock_name = purpose, hint, wait_s, lock_name
         self._fd: int | None = None
 
     @property
     def path(self) -> Path:
-        return self.folder / LOCK_NAME
+        return self.folder / self.lock_name
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,8 @@ class FolderLock:
                 if time.monotonic() >= deadline:
                     holder = _read_holder(fd)
                     os.close(fd)
-                    raise JaxdiffError(f"{self.folder} is in use by another {self.purpose} ({holder}); "
+                    where = self.folder if self.lock_name == LOCK_NAME else self.path
+                    raise JaxdiffError(f"{where} is in use by another {self.purpose} ({holder}); "
                                        f"wait for it to finish{self.hint}") from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
