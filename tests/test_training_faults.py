@@ -356,3 +356,20 @@ def test_a_failure_on_process_0_alone_ends_both_processes_with_its_error(tmp_pat
         assert "writing samples.png failed: Is a directory" in errors[0]
         assert errors[0].startswith("error: process 0: ") == (i == 1)
     assert seconds <= 60, f"{seconds:.0f} s"
+
+
+@pytest.mark.parametrize("program, flag", [
+    ("train.mnist", "--epochs"), ("train.mnist", "--snr-gamma"), ("train.mnist", "--guidance-scale"),
+    ("train.mnist", "--lr"), ("train.text_to_image", "--weight-decay"), ("train.text_to_image", "--epochs"),
+    ("train.text_to_image", "--guidance-scale"), ("train.text_to_image", "--snr-gamma"),
+])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_when_the_flags_are_read(program, flag, value, capsys):
+    import importlib
+
+    parse_args = importlib.import_module(program).parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"{flag}={value}"])  # "=": argparse reads a bare "-inf" as an option
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"python -m {program}: error: argument {flag}: must be a finite number, got '{value}'"]
