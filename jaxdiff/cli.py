@@ -123,6 +123,17 @@ def run_timed(fn: Callable, *call_args) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
+def program_main(parse_args: Callable[[Any], argparse.Namespace], run: Callable[[argparse.Namespace], dict]):
+    """A program's `main(argv=None)`: parse the flags, `run`, print its summary as the one JSON
+    line; bad input ends in one `error: ...` line and exit code 2 (`cli_main`)."""
+
+    @cli_main
+    def main(argv=None) -> None:
+        print_report(run(parse_args(argv)))
+
+    return main
+
+
 def print_report(summary: dict) -> None:
     """The program's one JSON line on stdout (only from the main process of a multi-host run)."""
     from jaxdiff.parallel import distributed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdiff.cli import cli_main, print_report, program_parser
+from jaxdiff.cli import program_main, program_parser
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.pipelines.unet_2d import add_guidance_flags, check_guidance_flags
 
@@ -52,9 +52,7 @@ def run(args) -> dict:
     return result
 
 
-@cli_main
-def main(argv=None) -> None:
-    print_report(run(parse_args(argv)))
+main = program_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, compile_timed, enable_compile_cache,
-                         finite_float, png_path, print_report, program_parser, run_timed)
+from jaxdiff.cli import (add_compile_cache_flags, at_least, compile_timed, enable_compile_cache, finite_float,
+                         png_path, program_main, program_parser, run_timed)
 from jaxdiff.pipelines.class_conditioned import DEFAULT_GUIDANCE
 
 DEFAULT_STEPS = {"ddpm": 1000, "dpm++": 20}  # every other sampler: DEFAULT_FAST_STEPS
@@ -62,8 +62,7 @@ def run(args) -> dict:
     import numpy as np
 
     from jaxdiff.images import save_grid
-    from jaxdiff.pipelines.class_conditioned import (class_labels, default_guidance, load_run,
-                                                     make_generator)
+    from jaxdiff.pipelines.class_conditioned import class_labels, default_guidance, load_run, make_generator
     from jaxdiff.schedulers import scheduler_class
 
     enable_compile_cache(args)
@@ -86,9 +85,7 @@ def run(args) -> dict:
     return result
 
 
-@cli_main
-def main(argv=None) -> None:
-    print_report(run(parse_args(argv)))
+main = program_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +26,48 @@ def subprocess_env(devices: int) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["HF_DATASETS_OFFLINE"] = "1"
     return env
+
+
+class ProcessResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float  # from the start until this process had exited
+
+
+def run_processes(command: list, num_processes: int = 2, timeout: float = 300) -> list[ProcessResult]:
+    """`command` (argv) as a multi-host run of `num_processes` processes on localhost, one CPU
+    device each: how each process ended, in process order."""
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as logs:  # files, not pipes: a chatty process cannot block
+        files = [(open(Path(logs) / f"{i}.out", "w+"), open(Path(logs) / f"{i}.err", "w+"))
+                 for i in range(num_processes)]
+        procs = [subprocess.Popen([*map(str, command), "--coordinator-address", address, "--num-processes",
+                                   str(num_processes), "--process-id", str(i), "--distributed-timeout", "60"],
+                                  cwd=ROOT, env=subprocess_env(1), stdout=out, stderr=err, text=True)
+                 for i, (out, err) in enumerate(files)]
+        ended = [None] * num_processes
+        try:
+            while None in ended:
+                for i, p in enumerate(procs):
+                    if ended[i] is None and p.poll() is not None:
+                        ended[i] = time.monotonic() - t0
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"the {num_processes} processes did not end within {timeout} s")
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        results = []
+        for p, (out, err), seconds in zip(procs, files, ended):
+            out.seek(0)
+            err.seek(0)
+            results.append(ProcessResult(p.returncode, out.read(), err.read(), seconds))
+            out.close()
+            err.close()
+    return results
 
 
 def free_port() -> int:

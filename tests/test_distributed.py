@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import REFERENCE_FLAGS, TRAIN, assert_trees_equal, checkpoint_part, run_args
-from subprocesses import free_port, subprocess_env
+from subprocesses import free_port, run_processes, subprocess_env
 
 from jaxdiff.parallel import distributed
 from jaxdiff.parallel.distributed import DistributedConfig
@@ -77,22 +77,11 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(fixtures_di
 
     data, reference = reference_run
     multi = tmp_path / "multi"
-    address = f"127.0.0.1:{free_port()}"
     args = run_args(fixtures_dir / "tiny-sd-pt-v1", data, multi, "--steps", "6", *REFERENCE_FLAGS)
-    procs = [subprocess.Popen(TRAIN + args + [
-        "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
-        "--distributed-timeout", "60"], cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    results = run_processes(TRAIN + args)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    outs = [(result.stdout, result.stderr) for result in results]
     reports = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
     assert len(reports[0]) == 1 and reports[1] == []  # only process 0 reports (gloo prints too)
     summary = json.loads(reports[0][0])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import assert_trees_equal
-from subprocesses import (STOPPABLE, TINY, final_params, free_port, run_cli, start_training, stop_mid_run,
+from subprocesses import (STOPPABLE, TINY, final_params, run_cli, run_processes, start_training, stop_mid_run,
                           subprocess_env, train_in_process)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,26 +106,21 @@ def test_two_processes_train_exactly_as_one_process_with_two_devices(tmp_path, m
     def command(out, *extra):
         return [sys.executable, "-m", "train.mnist", "--out", str(out), *map(str, common), *extra]
 
-    address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(command(tmp_path / "multi", "--coordinator-address", address, "--num-processes",
-                                      "2", "--process-id", str(i), "--distributed-timeout", "60"),
-                              cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    single = subprocess.run(command(tmp_path / "single"), cwd=ROOT, env=subprocess_env(2), capture_output=True, text=True,
-                            timeout=300)
-    outs = []
+    single = subprocess.Popen(command(tmp_path / "single"), cwd=ROOT, env=subprocess_env(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        results = run_processes(command(tmp_path / "multi"))
+        single_out, single_err = single.communicate(timeout=300)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert single.returncode == 0, single.stderr[-3000:]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        if single.poll() is None:
+            single.kill()
+    assert single.returncode == 0, single_err[-3000:]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    outs = [(result.stdout, result.stderr) for result in results]
     reports = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
     assert len(reports[0]) == 1 and reports[1] == []  # process 0 reports, logs and writes
-    assert json.loads(reports[0][0])["devices"] == 2 == json.loads(single.stdout.strip().splitlines()[-1])["devices"]
+    assert json.loads(reports[0][0])["devices"] == 2 == json.loads(single_out.strip().splitlines()[-1])["devices"]
     for part in ("params", "ema_params"):
         a, meta_a, step_a = final_params(tmp_path / "multi", part)
         b, meta_b, step_b = final_params(tmp_path / "single", part)

@@ -332,30 +332,22 @@ def test_resume_with_other_data_is_refused(tmp_path, mnist_dir):
 def test_a_failure_on_process_0_alone_ends_both_processes_with_its_error(tmp_path, mnist_dir):
     """Only process 0 writes samples.png; here it cannot (a folder has that name). Both processes
     must exit with that error, quickly, instead of process 1 waiting for a heartbeat time-out."""
-    from subprocesses import ROOT, TINY, free_port, subprocess_env
+    from subprocesses import TINY, run_processes
 
     out = tmp_path / "run"
     (out / "samples.png").mkdir(parents=True)
-    address = f"127.0.0.1:{free_port()}"
-    flags = ["--out", out, "--data-dir", mnist_dir, "--steps", 1, "--no-progress", *TINY,
-             "--coordinator-address", address, "--num-processes", 2, "--distributed-timeout", 60]
-    t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "train.mnist", *map(str, flags), "--process-id", str(i)],
-                              cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    seconds = time.monotonic() - t0
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert p.returncode == 2 and len(errors) == 1, err[-2000:]
+    # A heartbeat time-out far longer than the test allows: waiting for it would fail the test.
+    flags = ["--out", out, "--data-dir", mnist_dir, "--steps", 1, "--no-progress", *TINY, "--heartbeat-timeout", 600]
+    results = run_processes([sys.executable, "-m", "train.mnist", *flags])
+    for i, result in enumerate(results):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
         assert "writing samples.png failed: Is a directory" in errors[0]
         assert errors[0].startswith("error: process 0: ") == (i == 1)
-    assert seconds <= 60, f"{seconds:.0f} s"
+    # Measured here: both end within a second of each other, 35-45 s after the start (mostly
+    # compilation, less with a warm cache); the bound leaves room for a cold cache on a busy machine.
+    assert abs(results[1].seconds - results[0].seconds) <= 15
+    assert max(r.seconds for r in results) <= 120, [round(r.seconds) for r in results]
 
 
 @pytest.mark.parametrize("program, flag", [

@@ -29,14 +29,14 @@ import argparse
 import dataclasses
 import time
 
-from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
-                         in_range, positive, print_report, program_parser)
+from jaxdiff.cli import (add_compile_cache_flags, at_least, finite_float, in_range, positive, program_main,
+                         program_parser)
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.parallel import distributed
 from jaxdiff.pipelines.class_conditioned import DEFAULT_GUIDANCE, PROGRAM, default_guidance
-from jaxdiff.training.configs import (MNIST_DEFAULT_STEPS, MNIST_MISSING, MNIST_PRESETS, MNIST_TRAIN_SCHEDULER,
-                                      MnistConfig, MnistSettings)
-from jaxdiff.training.program import add_loop_flags, check_loop_flags, from_flags
+from jaxdiff.training.configs import (MNIST_DEFAULT_STEPS, MNIST_MISSING, MNIST_PRESETS,
+                                      MNIST_TRAIN_SCHEDULER, MnistConfig, MnistSettings)
+from jaxdiff.training.program import add_loop_flags, check_loop_flags, start_run
 
 PRESETS = MNIST_PRESETS  # the model presets, by name
 
@@ -176,19 +176,11 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     """Flags → the run's config and this invocation's settings → `train_and_evaluate`."""
-    from jaxdiff.training.program import TrainingRun
-
-    check_args(args)
-    distributed.initialize(distributed.config_from_args(args))
-    enable_compile_cache(args)
-    settings = from_flags(MnistSettings, args)
-    with TrainingRun(PROGRAM, MnistConfig, settings, args.out, args, missing=MNIST_MISSING) as run:
-        return train_and_evaluate(run, settings)
+    with start_run(PROGRAM, MnistConfig, MnistSettings, args, check=check_args, missing=MNIST_MISSING) as run:
+        return train_and_evaluate(run, run.settings)
 
 
-@cli_main
-def main(argv=None) -> None:
-    print_report(train(parse_args(argv)))
+main = program_main(parse_args, train)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
-                         in_range, positive, print_report, program_parser)
+from jaxdiff.cli import (add_compile_cache_flags, at_least, finite_float, in_range, positive, program_main,
+                         program_parser)
 from jaxdiff.data.captions import MAX_IMAGE_PIXELS, ON_BAD_IMAGE, ON_BAD_IMAGE_CHOICES
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.parallel import distributed
 from jaxdiff.training.configs import TEXT_TO_IMAGE_DEFAULT_STEPS, TextToImageConfig, TextToImageSettings
-from jaxdiff.training.program import add_loop_flags, check_loop_flags, from_flags
+from jaxdiff.training.program import add_loop_flags, check_loop_flags, start_run
 
 PROGRAM = "train.text_to_image"
 
@@ -249,21 +249,14 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     """Flags → the run's config and this invocation's settings → `train_and_evaluate`."""
-    from jaxdiff.training.program import TrainingRun
-
-    check_args(args)
-    distributed.initialize(distributed.config_from_args(args))
-    enable_compile_cache(args)
-    settings = from_flags(TextToImageSettings, args, validation_prompt=tuple(args.validation_prompt or ()) or None)
-    with TrainingRun(PROGRAM, TextToImageConfig, settings, args.out, args) as run:
+    with start_run(PROGRAM, TextToImageConfig, TextToImageSettings, args, check=check_args,
+                   validation_prompt=tuple(args.validation_prompt or ()) or None) as run:
         if not run.resuming:
             run.config = new_config(run.config)
-        return train_and_evaluate(run, settings)
+        return train_and_evaluate(run, run.settings)
 
 
-@cli_main
-def main(argv=None) -> None:
-    print_report(train(parse_args(argv)))
+main = program_main(parse_args, train)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from jaxdiff.cli import at_least, finite_float, flag, one_of, positive
+from jaxdiff.cli import at_least, enable_compile_cache, finite_float, flag, one_of, positive
 from jaxdiff.errors import JaxdiffError, describe_os_error
 from jaxdiff.parallel import distributed
 from jaxdiff.training.run_folder import CHECKPOINTS, RunRecord, holds_run, read_run, write_run
@@ -324,3 +324,16 @@ class TrainingRun:
         self.release()
         if finished:
             distributed.sync("run-finished")
+
+
+def start_run(program: str, config_cls, settings_cls, args: argparse.Namespace, *,
+              check: Callable[[argparse.Namespace], None], missing: Mapping = {}, **overrides) -> TrainingRun:
+    """How every training program starts: `check` its flags, join the multi-host run, turn on
+    the compilation cache, and open the run folder `args.out` (locked) with the run's config
+    (`config_cls`) and this invocation's settings (`settings_cls` from the flags, with
+    `overrides`; `run.settings`)."""
+    check(args)
+    distributed.initialize(distributed.config_from_args(args))
+    enable_compile_cache(args)
+    settings = from_flags(settings_cls, args, **overrides)
+    return TrainingRun(program, config_cls, settings, args.out, args, missing=missing)
