@@ -102,6 +102,7 @@ def jax_course(preset: str, batch: int):
 
     from jaxdiff import parallel
     from jaxdiff.models.class_conditioned import ClassConditionedUnet
+    from jaxdiff.sampling import as_apply_fn
     from jaxdiff.schedulers import create_scheduler
     from jaxdiff.training import create_train_state, diffusion_loss, make_train_step
     from jaxdiff.training.configs import MNIST_PRESETS as PRESETS
@@ -110,7 +111,7 @@ def jax_course(preset: str, batch: int):
     params = model.init_weights(jax.random.PRNGKey(0))
     sched = create_scheduler("ddpm", beta_schedule="squaredcos_cap_v2")
     tx = optax.adam(1e-3)
-    loss_fn = diffusion_loss(lambda p, x, t, y: model.apply({"params": p}, x, t, y), sched, sched.create_state())
+    loss_fn = diffusion_loss(as_apply_fn(model), sched, sched.create_state())
     rng = np.random.default_rng(0)
     b = parallel.shard({"images": rng.integers(0, 256, (batch, 28, 28, 1)).astype(np.uint8),
                         "labels": rng.integers(0, 10, (batch,)).astype(np.int32)})
