@@ -365,3 +365,14 @@ def test_non_finite_numbers_are_refused_when_the_flags_are_read(program, flag, v
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert errors == [f"python -m {program}: error: argument {flag}: must be a finite number, got '{value}'"]
+
+
+def test_a_lock_on_a_new_folder_left_empty_takes_the_folder_away_too(tmp_path):
+    FolderLock(tmp_path / "new").acquire().release()
+    assert not (tmp_path / "new").exists()  # a run that failed its checks leaves nothing behind
+    lock = FolderLock(tmp_path / "used").acquire()
+    (tmp_path / "used" / "jaxdiff_run.json").write_text("{}")
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == [".jaxdiff.lock", "jaxdiff_run.json"]
+    FolderLock(tmp_path).acquire().release()
+    assert tmp_path.is_dir()  # a folder that was there before stays

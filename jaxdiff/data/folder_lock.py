@@ -32,12 +32,14 @@ class FolderLock:
         self.folder = Path(folder).expanduser().absolute()
         self.purpose, self.hint, self.wait_s, self.lock_name = purpose, hint, wait_s, lock_name
         self._fd: int | None = None
+        self._created = False
 
     @property
     def path(self) -> Path:
         return self.folder / self.lock_name
 
     def acquire(self) -> "FolderLock":
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait_s
@@ -59,11 +61,16 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Let go; a folder this lock created and nothing else was written to goes too."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        if self._created and [p.name for p in self.folder.iterdir()] == [self.lock_name]:
+            self.path.unlink()
+            self.folder.rmdir()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

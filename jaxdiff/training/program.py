@@ -136,6 +136,8 @@ class TrainingRun:
         self.main = distributed.is_main_process()
         self.checkpointer = self.log = None
         self.total_steps = 0
+        if settings.resume and not self.run_dir.is_dir():
+            read_run(self.run_dir, program)  # the one error for a run folder that does not exist
         self.lock = distributed.on_main_process(
             lambda: FolderLock(self.run_dir, purpose="training run", hint=" or choose another --out").acquire(),
             f"locking the run folder {run_dir}")
