@@ -133,7 +133,8 @@ def test_on_main_process_reports_a_failure_as_one_jaxdiff_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# The same faults in a real program run (train.mnist, tiny model)
+# The same faults in a real program run (train.mnist, tiny model): marked `faults` (about 4 minutes
+# on 2 cores), run by .ci/run after the default suite, and by `pytest -m faults`
 # ------------------------------------------------------------------------------------------------
 
 def _mnist_flags(mnist_dir, *extra):
@@ -166,6 +167,7 @@ def _finite(tree) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.faults
 def test_a_nan_step_in_a_run_is_skipped_counted_and_the_run_finishes(tmp_path, mnist_dir, monkeypatch):
     from subprocesses import final_params, train_in_process
 
@@ -179,6 +181,7 @@ def test_a_nan_step_in_a_run_is_skipped_counted_and_the_run_finishes(tmp_path, m
         assert step == 4 and _finite(params)
 
 
+@pytest.mark.faults
 def test_non_finite_steps_in_a_row_end_the_run_in_one_line_with_the_last_step_saved(
         tmp_path, mnist_dir, monkeypatch, capsys):
     from subprocesses import final_params
@@ -197,6 +200,7 @@ def test_non_finite_steps_in_a_row_end_the_run_in_one_line_with_the_last_step_sa
     assert step >= 5 and _finite(params)  # never a non-finite state on disk
 
 
+@pytest.mark.faults
 def test_an_exception_mid_run_saves_the_last_step_and_resume_equals_an_uninterrupted_run(
         tmp_path, mnist_dir, monkeypatch, capsys):
     from subprocesses import final_params, train_in_process
@@ -232,6 +236,7 @@ def test_an_exception_mid_run_saves_the_last_step_and_resume_equals_an_uninterru
         assert_trees_equal(final_params(tmp_path / "run", part)[0], final_params(tmp_path / "straight", part)[0])
 
 
+@pytest.mark.faults
 def test_a_full_disk_while_checkpointing_is_one_error_line_and_the_earlier_checkpoint_resumes(
         tmp_path, mnist_dir, monkeypatch, capsys):
     from subprocesses import final_params, train_in_process
@@ -263,6 +268,7 @@ def test_a_full_disk_while_checkpointing_is_one_error_line_and_the_earlier_check
     assert_trees_equal(final_params(tmp_path / "run")[0], final_params(tmp_path / "straight")[0])
 
 
+@pytest.mark.faults
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_trains(tmp_path, mnist_dir):
     from subprocesses import STOPPABLE, read_until, run_cli, start_training
 
@@ -285,6 +291,7 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_trains(tmp_p
             "--no-progress")
 
 
+@pytest.mark.faults
 def test_sigterm_twice_still_saves_the_step_and_resume_loses_nothing(tmp_path, mnist_dir):
     import signal
 
@@ -311,6 +318,7 @@ def test_sigterm_twice_still_saves_the_step_and_resume_loses_nothing(tmp_path, m
     assert_trees_equal(final_params(out)[0], final_params(tmp_path / "straight")[0])
 
 
+@pytest.mark.faults
 def test_resume_with_other_data_is_refused(tmp_path, mnist_dir):
     from subprocesses import run_cli
 
@@ -329,6 +337,7 @@ def test_resume_with_other_data_is_refused(tmp_path, mnist_dir):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the training data changed since this run started")
 
 
+@pytest.mark.faults
 def test_a_failure_on_process_0_alone_ends_both_processes_with_its_error(tmp_path, mnist_dir):
     """Only process 0 writes samples.png; here it cannot (a folder has that name). Both processes
     must exit with that error, quickly, instead of process 1 waiting for a heartbeat time-out."""
