@@ -163,6 +163,28 @@ def _poison_steps(monkeypatch, poisoned):
     monkeypatch.setattr(training, "make_train_step", make_poisoned_step)
 
 
+def _mnist_fails(argv: list, capsys) -> list[str]:
+    """Run train.mnist in this process expecting one clean failure: its `error:` lines."""
+    from train.mnist import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, argv), "--no-progress", "--no-compile-cache"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _resumed_equals_uninterrupted(tmp_path, flags, steps, parts=("params",)) -> None:
+    """--resume of tmp_path/run to `steps` reaches the params of an uninterrupted run, bit for bit."""
+    from subprocesses import final_params, train_in_process
+
+    train_in_process("--out", tmp_path / "run", "--steps", steps, "--resume", *flags)
+    train_in_process("--out", tmp_path / "straight", "--steps", steps, *flags)
+    for part in parts:
+        assert_trees_equal(final_params(tmp_path / "run", part)[0], final_params(tmp_path / "straight", part)[0])
+
+
 def _finite(tree) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
@@ -185,14 +207,10 @@ def test_a_nan_step_in_a_run_is_skipped_counted_and_the_run_finishes(tmp_path, m
 def test_non_finite_steps_in_a_row_end_the_run_in_one_line_with_the_last_step_saved(
         tmp_path, mnist_dir, monkeypatch, capsys):
     from subprocesses import final_params
-    from train.mnist import main
 
     _poison_steps(monkeypatch, lambda step: step >= 3)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "run"), "--steps", "50", "--checkpoint-every", "100", "--no-progress",
-              "--no-compile-cache", "--max-nonfinite-steps", "3", *map(str, _mnist_flags(mnist_dir))])
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = _mnist_fails(["--out", tmp_path / "run", "--steps", 50, "--checkpoint-every", 100,
+                           "--max-nonfinite-steps", 3, *_mnist_flags(mnist_dir)], capsys)
     assert len(errors) == 1, errors
     assert "3 steps in a row (up to step 5) had a non-finite loss" in errors[0]
     assert "--max-nonfinite-steps" in errors[0] and "continue with --resume" in errors[0]
@@ -203,10 +221,9 @@ def test_non_finite_steps_in_a_row_end_the_run_in_one_line_with_the_last_step_sa
 @pytest.mark.faults
 def test_an_exception_mid_run_saves_the_last_step_and_resume_equals_an_uninterrupted_run(
         tmp_path, mnist_dir, monkeypatch, capsys):
-    from subprocesses import final_params, train_in_process
+    from subprocesses import final_params
 
     from jaxdiff.data.batches import BatchIterator
-    from train.mnist import main
 
     flags = _mnist_flags(mnist_dir, "--checkpoint-every", 100)
     real_next = BatchIterator.__next__
@@ -219,30 +236,20 @@ def test_an_exception_mid_run_saves_the_last_step_and_resume_equals_an_uninterru
         return real_next(self)
 
     monkeypatch.setattr(BatchIterator, "__next__", failing_next)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "run"), "--steps", "6", "--no-progress", "--no-compile-cache",
-              *map(str, flags)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    errors = _mnist_fails(["--out", tmp_path / "run", "--steps", 6, *flags], capsys)
     assert errors == [f"error: Input/output error: /data/mnist/t10k-images-idx3-ubyte.gz (step 3 is saved "
                       f"in {tmp_path / 'run' / 'checkpoints'}: continue with --resume)"]
-    assert "Traceback" not in err
     assert final_params(tmp_path / "run")[2] == 3
     monkeypatch.setattr(BatchIterator, "__next__", real_next)
-    train_in_process("--out", tmp_path / "run", "--steps", 6, "--resume", *flags)
-    train_in_process("--out", tmp_path / "straight", "--steps", 6, *flags)
-    for part in ("params", "ema_params"):
-        assert_trees_equal(final_params(tmp_path / "run", part)[0], final_params(tmp_path / "straight", part)[0])
+    _resumed_equals_uninterrupted(tmp_path, flags, 6, parts=("params", "ema_params"))
 
 
 @pytest.mark.faults
 def test_a_full_disk_while_checkpointing_is_one_error_line_and_the_earlier_checkpoint_resumes(
         tmp_path, mnist_dir, monkeypatch, capsys):
-    from subprocesses import final_params, train_in_process
+    from subprocesses import final_params
 
     from jaxdiff.training.checkpoint import Checkpointer
-    from train.mnist import main
 
     flags = _mnist_flags(mnist_dir, "--checkpoint-every", 2)
     real_save = Checkpointer.save
@@ -253,19 +260,11 @@ def test_a_full_disk_while_checkpointing_is_one_error_line_and_the_earlier_check
         return real_save(self, state, *args, **kwargs)
 
     monkeypatch.setattr(Checkpointer, "save", save)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "run"), "--steps", "6", "--no-progress", "--no-compile-cache",
-              *map(str, flags)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    errors = _mnist_fails(["--out", tmp_path / "run", "--steps", 6, *flags], capsys)
     assert len(errors) == 1 and "No space left on device" in errors[0] and "free some space" in errors[0], errors
-    assert "Traceback" not in err
     monkeypatch.setattr(Checkpointer, "save", real_save)
     assert final_params(tmp_path / "run")[2] == 2
-    train_in_process("--out", tmp_path / "run", "--steps", 6, "--resume", *flags)
-    train_in_process("--out", tmp_path / "straight", "--steps", 6, *flags)
-    assert_trees_equal(final_params(tmp_path / "run")[0], final_params(tmp_path / "straight")[0])
+    _resumed_equals_uninterrupted(tmp_path, flags, 6)
 
 
 @pytest.mark.faults

@@ -189,11 +189,18 @@ def open_image(path: str | os.PathLike, max_image_pixels: int = MAX_IMAGE_PIXELS
             return im.copy()
     except BadImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise BadImageError(f"image {name} is refused as a decompression bomb ({e}); shrink or remove "
-                            "it, or raise --max-image-pixels") from None
-    except UNREADABLE as e:
-        raise BadImageError(f"image {name} cannot be read ({e}); fix or remove it from the metadata") from None
+    except (Image.DecompressionBombError, *UNREADABLE) as e:
+        raise _bad_image(e, f"image {name}", bomb_fix="shrink or remove it, or raise --max-image-pixels",
+                         fix="fix or remove it from the metadata") from None
+
+
+def _bad_image(error: Exception, subject: str, *, bomb_fix: str, fix: str = "") -> BadImageError:
+    """One line for an image PIL refuses as a decompression bomb or cannot read."""
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):
+        return BadImageError(f"{subject} is refused as a decompression bomb ({error}); {bomb_fix}")
+    return BadImageError(f"{subject} cannot be read ({error}){'; ' + fix if fix else ''}")
 
 
 def _inside(path: str, real_root: str) -> bool:
@@ -325,11 +332,9 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
             im = images[i][image_col]  # datasets decodes it here
         except JaxdiffError:
             raise
-        except Image.DecompressionBombError as e:
-            raise BadImageError(f"{where} row {i}: the image is refused as a decompression bomb ({e}); "
-                                "raise --max-image-pixels if it is genuine") from None
-        except UNREADABLE as e:
-            raise BadImageError(f"{where} row {i}: the image cannot be read ({e})") from None
+        except (Image.DecompressionBombError, *UNREADABLE) as e:
+            raise _bad_image(e, f"{where} row {i}: the image",
+                             bomb_fix="raise --max-image-pixels if it is genuine") from None
         if isinstance(im, str):
             if not allow_outside_paths:
                 raise _paths_refused(where, image_col)
