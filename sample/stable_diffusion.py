@@ -1,11 +1,24 @@
-"""Generate images with a Stable Diffusion 1.x/2.x folder, on every local device.
+"""Generate images with a diffusers Stable Diffusion folder — text-to-image, img2img, inpainting,
+depth-to-image, the x4 upscaler, SDXL — on every local device.
 
     python -m sample.stable_diffusion --model-dir ./stable-diffusion-v1-5 \\
         --prompt "a photograph of an astronaut riding a horse" --num-images 8 --out samples/
+    python -m sample.stable_diffusion --model-dir ./stable-diffusion-2-inpainting \\
+        --prompt "a cat on a bench" --init-image bench.png --mask-image mask.png --out cats/
+    python -m sample.stable_diffusion --model-dir ./stable-diffusion-x4-upscaler \\
+        --prompt "a white cat" --init-image cat-128.png --noise-level 20 --out big/
+
+The folder's model_index.json (`_class_name`) picks the pipeline (jaxdiff.pipelines.registry), and
+the pipeline says what it needs: inpainting needs --init-image and --mask-image (white = repaint),
+the upscaler --init-image (the low-resolution image), depth-to-image --init-image (and takes
+--depth-map); a flag the pipeline does not use is refused. `--pipeline inpaint` inpaints with a
+text-to-image folder's 4-channel UNet (diffusers' behaviour: the known region re-noised and
+blended each step). --steps, --guidance-scale and --strength default to diffusers' values for
+that pipeline.
 
 Writes `OUT/000.png`, `OUT/001.png`, ... The whole run (text encoder, sampling loop with
 classifier-free guidance, VAE decoder) is one compiled program; the progress bar shows its
-stages (load, compile, generate, save), not individual steps, because the loop never returns
+stages (load, generate, save), not individual steps, because the loop never returns
 to the host. With several devices and a number of images divisible by their count, the images
 are generated in parallel (`pmap`, one key per device split from --seed, so the same seed gives
 other images on another number of devices; `--devices one` runs on one). `--latents FILE.npy` takes initial latents as diffusers
@@ -23,6 +36,8 @@ from pathlib import Path
 from jaxdiff.cli import (add_compile_cache_flags, at_least, cli_main, enable_compile_cache, finite_float,
                          in_range, positive, program_parser)
 from jaxdiff.errors import JaxdiffError
+from jaxdiff.pipelines import registry
+from jaxdiff.pipelines.inputs import load_init_image  # noqa: F401  (part of this program's API)
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -30,10 +45,14 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = program_parser("python -m sample.stable_diffusion", __doc__)
     p.add_argument("--model-dir", required=True, help="diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--pipeline", choices=registry.KINDS, default=None,
+                   help="run the folder as this pipeline (default: its model_index.json _class_name)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--steps", type=int, default=50, help="number of inference steps (default 50)")
-    p.add_argument("--guidance-scale", type=finite_float, default=7.5)
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of inference steps (default: the pipeline's, 50; 75 for the upscaler)")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="default: the pipeline's (7.5; 9 for the upscaler, 5 for SDXL)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale, 0..1 (default 0)")
     p.add_argument("--scheduler", default=None,
                    help="sampler: pndm, ddim, euler, euler-ancestral, dpm++, lms, ... (default: the folder's)")
@@ -41,8 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=None, help="default 1 (or the batch of --latents)")
-    p.add_argument("--init-image", default=None, help="img2img: start from this image")
-    p.add_argument("--strength", type=finite_float, default=0.8, help="img2img: how much of the schedule to run (0..1]")
+    p.add_argument("--init-image", default=None,
+                   help="img2img: start from this image; inpaint: the image to repaint; upscale: the low-resolution image")
+    p.add_argument("--mask-image", default=None, help="inpaint: white = repaint, black = keep")
+    p.add_argument("--mask-blur", type=finite_float, default=None,
+                   help="inpaint: blur the mask by this Gaussian radius in pixels (default 0)")
+    p.add_argument("--padding-mask-crop", type=int, default=None,
+                   help="inpaint: work on the mask's bounding box plus this margin, pasted back after")
+    p.add_argument("--depth-map", default=None, help="depth-to-image: depth map, .npy or 16-bit PNG (default: estimated)")
+    p.add_argument("--strength", type=finite_float, default=None,
+                   help="img2img/inpaint/depth: how much of the schedule to run (0..1]; default 0.8 (inpaint 1.0)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="upscale: noise added to the low-resolution image (default 20)")
     p.add_argument("--latents", default=None, help="initial latents, NCHW float32 .npy (as diffusers takes them)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16", help="UNet compute dtype")
     p.add_argument("--vae-dtype", choices=("bf16", "fp32", "fp16"), default=None,
@@ -59,15 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _check(args) -> None:
     at_least(args, 1, "steps", "num_images")
-    if args.init_image and args.latents:
-        raise JaxdiffError("--init-image and --latents exclude each other: img2img draws its own noise "
-                           "from --seed")
-    if args.init_image:
-        positive(args, "strength")
-        in_range(args, 0.0, 1.0, "strength", include_high=True)
+    at_least(args, 0, "mask_blur", "padding_mask_crop", "noise_level")
+    positive(args, "strength")
+    in_range(args, 0.0, 1.0, "strength", include_high=True)
     in_range(args, 0.0, 1.0, "guidance_rescale", include_high=True)
     for flag, path in (("--model-dir", args.model_dir), ("--latents", args.latents),
-                       ("--init-image", args.init_image)):
+                       ("--init-image", args.init_image), ("--mask-image", args.mask_image),
+                       ("--depth-map", args.depth_map)):
         if path and not Path(path).exists():
             raise JaxdiffError(f"{flag} {path} does not exist")
     for name in ("height", "width"):
@@ -76,32 +103,21 @@ def _check(args) -> None:
             raise JaxdiffError(f"--{name} must be a positive multiple of 8, got {v}")
 
 
-def load_init_image(path: str, height: int | None, width: int | None, factor: int):
-    """An RGB image file → (1, H, W, 3) float32 in [0, 1], resized to height×width (default: its
-    own size rounded down to a multiple of the VAE factor)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise JaxdiffError(f"--init-image {p} does not exist")
-    try:
-        image = Image.open(p).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise JaxdiffError(f"--init-image {p} is not an image PIL can read ({e})") from None
-    w = width or image.width // factor * factor
-    h = height or image.height // factor * factor
-    if h <= 0 or w <= 0:
-        raise JaxdiffError(f"--init-image {p} is smaller than {factor} pixels")
-    if (w, h) != image.size:
-        image = image.resize((w, h), Image.LANCZOS)
-    return (np.asarray(image, np.float32) / 255.0)[None]
+def request_of(args) -> registry.Request:
+    """The flags as a pipeline request (jaxdiff.pipelines.registry)."""
+    fields = {f.name for f in dataclasses.fields(registry.Request)}
+    return registry.Request(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 @cli_main
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     _check(args)
+    class_name = registry.pipeline_class(args.model_dir)
+    spec = (registry.spec_for_kind(args.pipeline) if args.pipeline
+            else registry.spec_for_class(class_name, args.model_dir))
+    request = registry.resolve(spec, request_of(args), args.model_dir, class_name)
+    module = spec.load()
 
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -109,88 +125,32 @@ def main(argv=None) -> list[Path]:
     enable_compile_cache(args)
     dtype = jnp.dtype(DTYPES[args.dtype])
     vae_dtype = jnp.dtype(DTYPES[args.vae_dtype]) if args.vae_dtype else None
-    times: dict[str, float] = {}
-    bar = tqdm(total=4, desc="load", leave=False, bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+    bar = tqdm(total=3, desc="load", leave=False, bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     try:
-        return _run(args, bar, times, dtype, vae_dtype)
+        t0 = time.perf_counter()
+        pipe, params = module.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
+                                            variant=args.variant, scheduler=args.scheduler,
+                                            allow_outside_paths=args.allow_outside_paths)
+        report: dict = {"times": {"load": time.perf_counter() - t0}}
+        bar.update(1)
+        bar.set_description("generate")
+        images = module.run_request(pipe, params, request, report)
+        bar.update(1)
+        bar.set_description("save")
+        paths = _save(images, Path(args.out))
+        bar.update(1)
     finally:
         bar.close()
+    print(f"{len(paths)} images ({images.shape[1]}×{images.shape[2]}, {spec.kind}, {request.steps} steps, "
+          f"{pipe.scheduler.name}, {args.dtype}) on {report.get('where', '1 device')} → {args.out}/")
+    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in report["times"].items()))
+    return paths
 
 
-def _run(args, bar, times: dict, dtype, vae_dtype) -> list[Path]:
-    import jax
+def _save(images, out: Path) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from jaxdiff import parallel as devices
-    from jaxdiff.pipelines import stable_diffusion as sd
-
-    t0 = time.perf_counter()
-    pipe, params = sd.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
-                                    variant=args.variant, scheduler=args.scheduler,
-                                    allow_outside_paths=args.allow_outside_paths)
-    times["load"] = time.perf_counter() - t0
-    bar.update(1)
-
-    factor = pipe.vae_scale_factor
-    latents = init_image = None
-    num_images = args.num_images
-    if args.latents:
-        latents = sd.load_latents(args.latents)
-        num_images = num_images or latents.shape[0]
-        config = sd.GenerateConfig(args.steps, args.height or latents.shape[1] * factor,
-                                   args.width or latents.shape[2] * factor)
-        sd.check_latents(latents, config.latent_shape(pipe, num_images), args.latents)
-    elif args.init_image:
-        image = load_init_image(args.init_image, args.height, args.width, factor)
-        num_images = num_images or 1
-        init_image = np.repeat(image, num_images, axis=0)
-        config = sd.GenerateConfig(args.steps, image.shape[1], image.shape[2], strength=args.strength)
-    else:
-        num_images = num_images or 1
-        config = sd.GenerateConfig(args.steps, args.height, args.width)
-    config = dataclasses.replace(config, use_guidance_rescale=args.guidance_rescale > 0)
-    config.size(pipe)  # validates height/width against the VAE factor
-
-    ids, neg = sd.tokenize_prompts(pipe, [args.prompt] * num_images, args.negative_prompt)
-    n_dev = devices.device_count()
-    parallel = args.devices == "all" and n_dev > 1 and num_images % n_dev == 0
-    key = jax.random.key(args.seed)
-
-    bar.set_description("compile")
-    t0 = time.perf_counter()
-    if parallel:
-        params = sd.replicate_params(params)
-        keys = jax.random.split(key, n_dev)
-
-        def run():
-            return sd.generate_parallel(pipe, params, ids, neg, keys, args.guidance_scale, config=config,
-                                        guidance_rescale=args.guidance_rescale, latents=latents,
-                                        init_image=init_image)
-        # pmap compiles on its first call: time compile + run together, then split below.
-        images = run()
-        images.block_until_ready()
-        times["compile+generate"] = time.perf_counter() - t0
-        bar.update(2)
-    else:
-        if init_image is None:
-            fn = sd.compile_generate(pipe, params, num_images, config=config, with_latents=latents is not None)
-            times["compile"] = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_description("generate")
-            t0 = time.perf_counter()
-            images = fn(params, ids, neg, key, args.guidance_scale, args.guidance_rescale, latents)
-        else:
-            bar.update(1)
-            bar.set_description("generate")
-            images = sd.generate(pipe, params, ids, neg, key, args.guidance_scale, config=config,
-                                 guidance_rescale=args.guidance_rescale, init_image=init_image)
-        images.block_until_ready()
-        times["generate"] = time.perf_counter() - t0
-        bar.update(1)
-
-    bar.set_description("save")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pixels = np.round(np.asarray(images, np.float32) * 255.0).clip(0, 255).astype(np.uint8)
     paths = []
@@ -198,12 +158,6 @@ def _run(args, bar, times: dict, dtype, vae_dtype) -> list[Path]:
         path = out / f"{i:03d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)
-    bar.update(1)
-    bar.close()
-    where = f"{n_dev} devices (pmap)" if parallel else f"1 device ({jax.devices()[0].platform})"
-    print(f"{len(paths)} images ({config.size(pipe)[0]}×{config.size(pipe)[1]}, {args.steps} steps, "
-          f"{pipe.scheduler.name}, {args.dtype}) on {where} → {out}/")
-    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     return paths
 
 

@@ -39,6 +39,7 @@ from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import autoencoder_kl as vae_lib
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models import unet_2d_condition as unet_lib
+from jaxdiff.pipelines import registry
 from jaxdiff.sampling import as_denoiser, cfg, img2img_start, sample
 from jaxdiff.schedulers import Scheduler, create_scheduler
 from jaxdiff.tokenizer import load_tokenizer, tokenize
@@ -49,13 +50,6 @@ _COMPONENT_CLASSES = {
     "vae": {"AutoencoderKL"},
     "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection"},
     "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
-}
-_UNSUPPORTED_PIPELINES = {
-    "StableDiffusionXLPipeline": "SDXL (two text encoders, added conditioning)",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL (two text encoders, added conditioning)",
-    "StableDiffusionInpaintPipeline": "inpainting (a 9-channel UNet)",
-    "StableDiffusionUpscalePipeline": "the x4 upscaler (image-conditioned UNet)",
-    "StableDiffusionDepth2ImgPipeline": "depth-to-image (a 5-channel UNet)",
 }
 
 
@@ -81,7 +75,8 @@ class StableDiffusion:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        """Channels of the diffusion latents (the VAE's; the UNet may take more: inpaint, upscale)."""
+        return self.vae.config.latent_channels
 
     @property
     def default_size(self) -> int:
@@ -105,8 +100,9 @@ class StableDiffusion:
         return dataclasses.replace(self, scheduler=scheduler)
 
 
-def read_model_index(folder: Path) -> dict:
-    """`model_index.json` of a pipeline folder, checked to be a Stable Diffusion 1.x/2.x one."""
+def read_model_index(folder: Path, kinds: Sequence[str] = ("text-to-image",)) -> dict:
+    """`model_index.json` of a pipeline folder (empty when absent), checked to be a pipeline of
+    one of `kinds` (`registry.KINDS`) made of Stable Diffusion's components."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         present = [c for c in COMPONENTS if (folder / c).is_dir()]
@@ -115,11 +111,12 @@ def read_model_index(folder: Path) -> dict:
                                f"and none of the folders {', '.join(COMPONENTS)})")
         return {}
     index = W.read_json(index_path)
-    name = str(index.get("_class_name", ""))
-    base = name[len("Flax"):] if name.startswith("Flax") else name
-    if base in _UNSUPPORTED_PIPELINES:
-        raise JaxdiffError(f"{folder} holds a {name}: {_UNSUPPORTED_PIPELINES[base]} is not "
-                           "supported; jaxdiff runs Stable Diffusion 1.x/2.x text-to-image pipelines")
+    name = registry.pipeline_class(folder)
+    spec = registry.spec_for_class(name, folder)
+    if spec.kind not in kinds:
+        raise JaxdiffError(f"{folder} holds a {name}: {spec.description}, not "
+                           f"{' / '.join(registry.spec_for_kind(k).description for k in kinds)}; load it "
+                           f"with {spec.module}.load_pipeline (sample.stable_diffusion picks it by itself)")
     for component, classes in _COMPONENT_CLASSES.items():
         entry = index.get(component)
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
@@ -127,7 +124,7 @@ def read_model_index(folder: Path) -> dict:
             cls = cls[len("Flax"):] if cls.startswith("Flax") else cls
             if cls not in classes:
                 raise JaxdiffError(f"{folder}/model_index.json: {component} is a {entry[1]}, not a "
-                                   f"{' / '.join(sorted(classes))}; this is not a Stable Diffusion 1.x/2.x pipeline")
+                                   f"{' / '.join(sorted(classes))}; this is not a Stable Diffusion pipeline")
     return index
 
 
@@ -154,7 +151,7 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
                   vae_dtype=None, text_encoder_dtype=jnp.float32, variant: str | None = None,
                   scheduler: str | Scheduler | None = None,
                   allow_outside_paths: bool = False) -> tuple[StableDiffusion, dict]:
-    """`(pipe, params)` from a diffusers Stable Diffusion 1.x/2.x folder.
+    """`(pipe, params)` from a diffusers Stable Diffusion 1.x/2.x text-to-image folder.
 
     dtype: compute dtype of the UNet. param_dtype: storage dtype of the UNet and text encoder
         parameters (default: their compute dtype). vae_dtype: the VAE's compute and storage dtype
@@ -164,11 +161,26 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
         `scheduler/` config, or a Scheduler; default: the folder's own scheduler.
     allow_outside_paths: let shard indexes name files outside their component folder.
     """
+    pipe, params = load_components(folder, dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype,
+                                   text_encoder_dtype=text_encoder_dtype, variant=variant,
+                                   scheduler=scheduler, allow_outside_paths=allow_outside_paths)
+    _check_compatible(pipe.folder, pipe.unet.config, pipe.vae.config, pipe.text_encoder.config)
+    return pipe, params
+
+
+def load_components(folder: str | os.PathLike, *, kinds: Sequence[str] = ("text-to-image",),
+                    dtype=jnp.bfloat16, param_dtype=None, vae_dtype=None,
+                    text_encoder_dtype=jnp.float32, variant: str | None = None,
+                    scheduler: str | Scheduler | None = None,
+                    allow_outside_paths: bool = False) -> tuple[StableDiffusion, dict]:
+    """The five Stable Diffusion components of a folder whose pipeline is one of `kinds`, as a
+    `StableDiffusion` (the UNet's input channels unchecked: inpaint, depth and upscale
+    pipelines check their own). Arguments as `load_pipeline`."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise JaxdiffError(f"model folder {root} does not exist" if not root.exists()
                            else f"{root} is not a folder; pass a Stable Diffusion pipeline folder")
-    index = read_model_index(root)
+    index = read_model_index(root, kinds)
     _check_components(root, index)
 
     if isinstance(scheduler, Scheduler):
@@ -195,17 +207,21 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
         allow_outside_paths=allow_outside_paths)
     te_params = _to_device(te_params)
 
-    _check_compatible(root, unet.config, vae.config, text_encoder.config)
+    _check_text_encoder(root, unet.config, text_encoder.config)
     pipe = StableDiffusion(unet, vae, text_encoder, tokenizer, sched, root)
     return pipe, {"unet": unet_params, "vae": vae_params, "text_encoder": te_params}
 
 
-def _check_compatible(folder: Path, unet_cfg, vae_cfg, te_cfg) -> None:
+def _check_text_encoder(folder: Path, unet_cfg, te_cfg) -> None:
     cross = unet_cfg.cross_attention_dim
     cross = cross if isinstance(cross, int) else cross[0]
     if unet_cfg.encoder_hid_dim_type is None and cross != te_cfg.hidden_size:
         raise JaxdiffError(f"{folder}: the UNet's cross_attention_dim ({cross}) differs from the text "
                            f"encoder's hidden_size ({te_cfg.hidden_size}); the components do not belong together")
+
+
+def _check_compatible(folder: Path, unet_cfg, vae_cfg, te_cfg) -> None:
+    _check_text_encoder(folder, unet_cfg, te_cfg)
     if unet_cfg.in_channels != vae_cfg.latent_channels:
         raise JaxdiffError(f"{folder}: the UNet takes {unet_cfg.in_channels} channels but the VAE makes "
                            f"{vae_cfg.latent_channels}-channel latents; this is not a text-to-image pipeline")
@@ -445,6 +461,68 @@ def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids
     return out.reshape((-1,) + out.shape[2:])
 
 
+# --------------------------------------------------------------------------------------------
+# What sample.stable_diffusion asks for (jaxdiff.pipelines.registry)
+# --------------------------------------------------------------------------------------------
+
+def run_request(pipe: StableDiffusion, params: dict, request: registry.Request, report: dict) -> np.ndarray:
+    """The program's text-to-image / img2img run (`registry` protocol): (N, H, W, 3) in [0, 1]."""
+    import time
+
+    from jaxdiff.pipelines.inputs import load_init_image
+
+    r = request
+    if r.init_image and r.latents:
+        raise JaxdiffError("--init-image and --latents exclude each other: img2img draws its own noise "
+                           "from --seed")
+    times = report.setdefault("times", {})
+    factor = pipe.vae_scale_factor
+    latents = init_image = None
+    num_images = r.num_images
+    if r.latents:
+        latents = load_latents(r.latents)
+        num_images = num_images or latents.shape[0]
+        config = GenerateConfig(r.steps, r.height or latents.shape[1] * factor,
+                                r.width or latents.shape[2] * factor)
+        check_latents(latents, config.latent_shape(pipe, num_images), r.latents)
+    elif r.init_image:
+        image = load_init_image(r.init_image, r.height, r.width, factor)
+        num_images = num_images or 1
+        init_image = np.repeat(image, num_images, axis=0)
+        config = GenerateConfig(r.steps, image.shape[1], image.shape[2], strength=r.strength)
+    else:
+        num_images = num_images or 1
+        config = GenerateConfig(r.steps, r.height, r.width)
+    config = dataclasses.replace(config, use_guidance_rescale=r.guidance_rescale > 0)
+    config.size(pipe)  # validates height/width against the VAE factor
+
+    ids, neg = tokenize_prompts(pipe, [r.prompt] * num_images, r.negative_prompt)
+    n_dev = parallel.device_count()
+    use_pmap = registry.use_pmap(r, num_images, n_dev)
+    report["where"] = registry.describe_devices(use_pmap, n_dev)
+    key = jax.random.key(r.seed)
+    t0 = time.perf_counter()
+    if use_pmap:
+        # pmap compiles on its first call: compile and run are timed together.
+        images = generate_parallel(pipe, replicate_params(params), ids, neg, jax.random.split(key, n_dev),
+                                   r.guidance_scale, config=config, guidance_rescale=r.guidance_rescale,
+                                   latents=latents, init_image=init_image)
+        name = "compile+generate"
+    elif init_image is None:
+        fn = compile_generate(pipe, params, num_images, config=config, with_latents=latents is not None)
+        times["compile"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        images = fn(params, ids, neg, key, r.guidance_scale, r.guidance_rescale, latents)
+        name = "generate"
+    else:
+        images = generate(pipe, params, ids, neg, key, r.guidance_scale, config=config,
+                          guidance_rescale=r.guidance_rescale, init_image=init_image)
+        name = "compile+generate"
+    images = np.asarray(images)
+    times[name] = time.perf_counter() - t0
+    return images
+
+
 def load_latents(path: str | os.PathLike) -> np.ndarray:
     """Initial latents saved as diffusers takes them — NCHW float32 `.npy` — as NHWC."""
     p = Path(path)
@@ -472,4 +550,5 @@ def check_latents(latents: np.ndarray, expected: tuple[int, ...], source: str = 
 
 __all__ = ["StableDiffusion", "GenerateConfig", "load_pipeline", "tokenize_prompts", "encode_prompt",
            "generate", "compile_generate", "generate_parallel", "replicate_params", "decode_latents",
-           "encode_images", "load_latents", "check_latents", "read_model_index"]
+           "encode_images", "load_latents", "check_latents", "read_model_index", "load_components",
+           "run_request"]
