@@ -238,6 +238,7 @@ class CLIPTextOutput(NamedTuple):
     last_hidden_state: Array          # (B, L, D), after final_layer_norm
     pooler_output: Array              # (B, D) at the end-of-text token
     hidden_states: tuple | None = None  # embeddings + each layer, (B, L, D) each, before the norm
+    text_embeds: Array | None = None  # (B, projection_dim): CLIPTextModelWithProjection only
 
 
 class CLIPVisionOutput(NamedTuple):
@@ -357,7 +358,10 @@ class CLIPTextModel(nn.Module):
 
 
 class CLIPTextModelWithProjection(nn.Module):
-    """Adds `text_projection`; `get_text_features(ids) -> (B, projection_dim)`."""
+    """Adds `text_projection`; `get_text_features(ids) -> (B, projection_dim)`. Called, it
+    returns the tower's `CLIPTextOutput` with `text_embeds` (the projected pooled output, as
+    transformers' `CLIPTextModelWithProjection`): SDXL's second text encoder (OpenCLIP bigG) gives
+    the UNet its penultimate `hidden_states[-2]` and the pooled `text_embeds`."""
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
@@ -366,7 +370,8 @@ class CLIPTextModelWithProjection(nn.Module):
         self.text_projection = _projection(self.config.projection_dim, self.dtype, "text_projection")
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False, clip_skip=None):
-        return self.text_model(input_ids, attention_mask, output_hidden_states, clip_skip)
+        out = self.text_model(input_ids, attention_mask, output_hidden_states, clip_skip)
+        return out._replace(text_embeds=self.text_projection(out.pooler_output))
 
     def get_text_features(self, input_ids, attention_mask=None):
         return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)

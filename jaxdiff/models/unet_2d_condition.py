@@ -12,12 +12,15 @@ Parameter names are diffusers' (`down_blocks_0/attentions_1/transformer_blocks_0
 by rule with `jaxdiff.weights.load_params` (see `load_unet_2d_condition`). SD1 and SD2 settings are covered:
 `attention_head_dim` int or per-block list (which diffusers reads as the number of heads),
 `num_attention_heads`, `use_linear_projection`, `upcast_attention`, `cross_attention_dim`,
-`transformer_layers_per_block`, `only_cross_attention`, class embeddings. Heights and widths
+`transformer_layers_per_block`, `only_cross_attention`, class embeddings; SDXL's
+`addition_embed_type="text_time"` (`add_time_proj` sinusoids of the micro-conditioning time ids,
+`add_embedding` on them and the pooled text embedding). Heights and widths
 that are not multiples of 2**(levels-1) work as in diffusers (upsamplers get the skip's size).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -42,6 +45,7 @@ DOWN_BLOCK_TYPES = (CROSS_ATTN_DOWN, "DownBlock2D", "AttnDownBlock2D", "ResnetDo
 UP_BLOCK_TYPES = (CROSS_ATTN_UP, "UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +131,6 @@ class UNet2DConditionConfig:
             raise JaxdiffError("UNet config: per-layer transformer_layers_per_block needs "
                                "reverse_transformer_layers_per_block (as diffusers requires)")
         unsupported = {
-            "addition_embed_type": (self.addition_embed_type, None,
-                                    "SDXL / Kandinsky-style added embeddings are not implemented"),
             "dual_cross_attention": (self.dual_cross_attention, False, "not implemented"),
             "attention_type": (self.attention_type, "default", "GLIGEN gated attention is not implemented"),
             "time_cond_proj_dim": (self.time_cond_proj_dim, None, "LCM timestep conditioning is not implemented"),
@@ -138,6 +140,14 @@ class UNet2DConditionConfig:
             if value != ok:
                 raise JaxdiffError(f"UNet config {key}={value!r} is not supported by jaxdiff ({why}); "
                                    f"only {key}={ok!r} is")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise JaxdiffError(f"UNet config addition_embed_type={self.addition_embed_type!r} is not "
+                               "supported by jaxdiff (Kandinsky / IP-style added embeddings are not "
+                               "implemented); only null or 'text_time' (SDXL) is")
+        if self.addition_embed_type == "text_time" and (self.addition_time_embed_dim is None or
+                                                        self.projection_class_embeddings_input_dim is None):
+            raise JaxdiffError("UNet config: addition_embed_type='text_time' needs "
+                               "addition_time_embed_dim and projection_class_embeddings_input_dim")
         if self.encoder_hid_dim_type not in (None, "text_proj"):
             raise JaxdiffError(f"UNet config encoder_hid_dim_type={self.encoder_hid_dim_type!r} is not "
                                "supported; only null or 'text_proj'")
@@ -344,13 +354,17 @@ class UNetMidBlock2DCrossAttn(_CrossAttnMixin, nn.Module):
 
 class UNet2DConditionModel(nn.Module):
     """`apply({'params': p}, sample, timestep, encoder_hidden_states, class_labels=None,
-    train=False)` → (B, H, W, out_channels) float32. See the module docstring."""
+    train=False, added_cond_kwargs=None)` → (B, H, W, out_channels) float32. See the module
+    docstring. SDXL (`addition_embed_type="text_time"`) needs `added_cond_kwargs={"text_embeds":
+    (B, pooled_dim), "time_ids": (B, n_ids)}` (n_ids · addition_time_embed_dim + pooled_dim =
+    projection_class_embeddings_input_dim)."""
     config: UNet2DConditionConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, sample: jax.Array, timestep, encoder_hidden_states: jax.Array,
-                 class_labels: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+                 class_labels: Optional[jax.Array] = None, train: bool = False,
+                 added_cond_kwargs: Mapping[str, jax.Array] | None = None) -> jax.Array:
         c = self.config
         det = not train
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
@@ -375,6 +389,9 @@ class UNet2DConditionModel(nn.Module):
         class_emb = self._class_embedding(class_labels, batch)
         if class_emb is not None:
             emb = jnp.concatenate([emb, class_emb], -1) if c.class_embeddings_concat else emb + class_emb
+        aug_emb = self._addition_embedding(added_cond_kwargs, batch)
+        if aug_emb is not None:
+            emb = emb + aug_emb
         if c.time_embedding_act_fn is not None:
             emb = get_activation(c.time_embedding_act_fn)(emb)
         temb_channels = c.time_embed_dim * (2 if c.class_embeddings_concat else 1)
@@ -484,6 +501,34 @@ class UNet2DConditionModel(nn.Module):
                                              flip_sin_to_cos=c.flip_sin_to_cos, name="time_proj")
         return Timesteps(c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
 
+    def _addition_embedding(self, added_cond_kwargs, batch: int):
+        """SDXL's `text_time`: add_embedding(concat(text_embeds, sinusoid(time_ids).flatten))."""
+        c = self.config
+        if c.addition_embed_type is None:
+            return None
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs \
+                or "time_ids" not in added_cond_kwargs:
+            raise JaxdiffError("this UNet has addition_embed_type='text_time' (SDXL): pass "
+                               "added_cond_kwargs={'text_embeds': (B, D), 'time_ids': (B, n)}")
+        text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+        time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != batch \
+                or time_ids.shape[0] != batch:
+            raise JaxdiffError(f"added_cond_kwargs: text_embeds must be ({batch}, D) and time_ids "
+                               f"({batch}, n), got {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise JaxdiffError(
+                f"added_cond_kwargs: text_embeds ({text_embeds.shape[1]}) + {time_ids.shape[1]} time ids "
+                f"× {c.addition_time_embed_dim} = {width}, but this UNet's add_embedding takes "
+                f"projection_class_embeddings_input_dim={c.projection_class_embeddings_input_dim} "
+                "(a refiner takes 5 time ids with the aesthetic score, a base 6)")
+        time_embeds = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)(
+            time_ids.reshape(-1)).reshape(batch, -1)
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1)
+        return TimestepEmbedding(c.time_embed_dim, dtype=self.dtype,
+                                 name="add_embedding")(add_embeds.astype(self.dtype))
+
     def _class_embedding(self, class_labels, batch: int):
         c = self.config
         kind = c.class_embed_type
@@ -536,17 +581,45 @@ def dummy_inputs(config: UNet2DConditionConfig, batch: int = 1, size: Optional[i
     return inputs
 
 
+def dummy_added_cond(config: UNet2DConditionConfig, batch: int = 1) -> dict | None:
+    """Shape-only `added_cond_kwargs` for init (None unless `addition_embed_type="text_time"`):
+    6 time ids (a base; the width of text_embeds makes up the rest)."""
+    if config.addition_embed_type != "text_time":
+        return None
+    n_ids = 6
+    pooled = config.projection_class_embeddings_input_dim - n_ids * config.addition_time_embed_dim
+    if pooled <= 0:
+        n_ids = 5
+        pooled = config.projection_class_embeddings_input_dim - n_ids * config.addition_time_embed_dim
+    return {"text_embeds": jax.ShapeDtypeStruct((batch, pooled), jnp.float32),
+            "time_ids": jax.ShapeDtypeStruct((batch, n_ids), jnp.float32)}
+
+
+def _init(module: UNet2DConditionModel, key, *inputs):
+    added = dummy_added_cond(module.config)
+    if added is not None:
+        added = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), added)
+    return module.init(key, *inputs, added_cond_kwargs=added)
+
+
 def param_shapes(module: UNet2DConditionModel, param_dtype=jnp.float32) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda *xs: module.init(jax.random.PRNGKey(0), *xs),
-                            *dummy_inputs(module.config))
+    return jax.tree.map(lambda s: s, _param_shapes(module.config, jnp.dtype(param_dtype)))  # a fresh tree
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(config: UNet2DConditionConfig, param_dtype) -> dict:
+    """Traced once per (config, dtype): tracing an SDXL-sized init takes seconds."""
+    module = UNet2DConditionModel(config)
+    shapes = jax.eval_shape(lambda *xs: _init(module, jax.random.PRNGKey(0), *xs),
+                            *dummy_inputs(config))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes["params"])
 
 
 def init_params(module: UNet2DConditionModel, key: jax.Array, param_dtype=jnp.float32) -> dict:
     """Random parameters (Flax's initialisers), e.g. for benchmarks and training from scratch."""
-    params = jax.jit(lambda k: module.init(k, *[jnp.zeros(s.shape, s.dtype)
-                                                for s in dummy_inputs(module.config)])["params"])(key)
+    params = jax.jit(lambda k: _init(module, k, *[jnp.zeros(s.shape, s.dtype)
+                                                  for s in dummy_inputs(module.config)])["params"])(key)
     return jax.tree.map(lambda p: p.astype(param_dtype), params)
 
 

@@ -1,0 +1,185 @@
+"""SDXL equals diffusers' PyTorch SDXL: the `text_time` UNet, both text encoders, and (extended)
+the text-to-image, img2img and base → refiner pipelines from the same latents.
+
+diffusers/transformers build tiny SDXL-shaped models from configs (SDXL's block layout: no
+attention at the first level, more transformer layers deeper, linear projections, 6 micro-
+conditioning time ids for a base and 5 for a refiner), perturb every weight by N(0, 0.02) and
+`save_pretrained` them; jaxdiff loads the folders with its real loaders.
+Tolerances: networks max |ours − torch| ≤ 1e-4 · max |torch| (float32); images ≤ 5e-4 absolute
+on [0, 1] (the issue's bar).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_trees_equal, nchw, perturb, rel_err
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models import clip as clip_lib
+from jaxdiff.models.unet_2d_condition import UNet2DConditionConfig, load_unet_2d_condition
+
+RTOL = 1e-4
+IMAGE_ATOL = 5e-4
+
+# SDXL base layout at toy size: DownBlock2D first, two cross-attention levels with (1, 2)
+# transformer layers, linear projections, per-level heads, 64 = 32 + 32 (both encoders) context,
+# 6 time ids × 8 + a 32-wide pooled embedding.
+BASE_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+    cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+# The refiner: four levels, context from the second encoder only, 5 time ids (aesthetic score).
+REFINER_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4, 4), transformer_layers_per_block=(1, 2, 1, 1),
+    use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=5 * 8 + 32)
+
+
+def torch_unet(config: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return perturb(UNet2DConditionModel(**config).eval())
+
+
+def unet_inputs(config: dict, n_ids: int, batch: int = 2, size: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, size, size, 4)).astype(np.float32)
+    t = np.array([999, 17][:batch], np.int64)
+    ctx = rng.normal(size=(batch, 7, config["cross_attention_dim"])).astype(np.float32)
+    pooled = config["projection_class_embeddings_input_dim"] - n_ids * config["addition_time_embed_dim"]
+    text_embeds = rng.normal(size=(batch, pooled)).astype(np.float32)
+    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024][:n_ids],
+                         [512, 512, 32, 0, 6.0, 768][:n_ids]][:batch], np.float32)
+    return x, t, ctx, {"text_embeds": text_embeds, "time_ids": time_ids}
+
+
+def torch_unet_out(model, x, t, ctx, added) -> np.ndarray:
+    with torch.no_grad():
+        out = model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
+                    added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def base_unet(tmp_path_factory):
+    """(torch model, its folder, jaxdiff's jitted apply, loaded params, inputs, torch output)."""
+    model = torch_unet(BASE_UNET)
+    folder = tmp_path_factory.mktemp("sdxl-unet")
+    model.save_pretrained(folder)
+    unet, params = load_unet_2d_condition(folder, subfolder=None)
+    args = unet_inputs(BASE_UNET, 6)
+    return model, folder, jax.jit(unet.apply), params, args, torch_unet_out(model, *args)
+
+
+def test_sdxl_base_unet_matches_diffusers(base_unet):
+    _, _, apply, params, (x, t, ctx, added), want = base_unet
+    assert params["add_embedding"]["linear_1"]["kernel"].shape == (80, 128)
+    assert rel_err(apply({"params": params}, x, t, ctx, added_cond_kwargs=added), want) < RTOL
+
+
+def test_sdxl_unet_loads_fp16_variant_and_shards(base_unet, tmp_path):
+    """The published forms of an SDXL `unet/`: a sharded `*.safetensors.index.json` (same
+    output) and `*.fp16.safetensors` (the float32 weights rounded to half, leaf for leaf)."""
+    model, _, apply, params, (x, t, ctx, added), want = base_unet
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    _, p_sharded = load_unet_2d_condition(sharded, subfolder=None)
+    assert rel_err(apply({"params": p_sharded}, x, t, ctx, added_cond_kwargs=added), want) < RTOL
+
+    half = tmp_path / "fp16"
+    model.half().save_pretrained(half, variant="fp16")
+    model.float()
+    assert (half / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    _, p16 = load_unet_2d_condition(half, subfolder=None, variant="fp16", param_dtype=jnp.float32)
+    assert_trees_equal(p16, jax.tree.map(lambda p: p.astype(jnp.float16).astype(jnp.float32), params))
+
+
+def test_text_time_unet_without_its_inputs_is_one_clear_error(base_unet):
+    _, _, apply, params, (x, t, ctx, added), _ = base_unet
+    with pytest.raises(JaxdiffError, match="added_cond_kwargs"):
+        apply({"params": params}, x, t, ctx)
+    with pytest.raises(JaxdiffError, match="refiner takes 5 time ids"):
+        apply({"params": params}, x, t, ctx, added_cond_kwargs={**added, "time_ids": added["time_ids"][:, :5]})
+    with pytest.raises(JaxdiffError, match="needs addition_time_embed_dim"):
+        UNet2DConditionConfig.from_dict({**BASE_UNET, "addition_time_embed_dim": None})
+
+
+@pytest.mark.extended
+def test_sdxl_refiner_unet_matches_diffusers(tmp_path):
+    model = torch_unet(REFINER_UNET, seed=1)
+    model.save_pretrained(tmp_path)
+    unet, params = load_unet_2d_condition(tmp_path, subfolder=None)
+    x, t, ctx, added = unet_inputs(REFINER_UNET, 5, batch=1, size=8, seed=1)
+    got = jax.jit(unet.apply)({"params": params}, x, t, ctx, added_cond_kwargs=added)
+    assert rel_err(got, torch_unet_out(model, x, t, ctx, added)) < RTOL
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+def text_encoder_config(**kw):
+    """A tiny CLIP text config on the shared fixture's 523-token vocabulary (as diffusers' SDXL
+    tests: 5 layers, gelu, projection 32)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{"bos_token_id": 521, "eos_token_id": 522, "pad_token_id": 1,
+                             "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                             "num_hidden_layers": 5, "vocab_size": 523, "hidden_act": "gelu",
+                             "projection_dim": 32, **kw})
+
+
+@pytest.fixture(scope="module")
+def text_encoders(tmp_path_factory):
+    """CLIPTextModel (ViT-L's role) and CLIPTextModelWithProjection (bigG's: the legacy
+    eos_token_id=2 config, pooled at the argmax of the ids) saved as a pipeline's two folders."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("sdxl-encoders")
+    torch.manual_seed(0)
+    te1 = perturb(CLIPTextModel(text_encoder_config()).eval())
+    te2 = perturb(CLIPTextModelWithProjection(text_encoder_config(eos_token_id=2, hidden_act="gelu_pytorch_tanh")).eval())
+    te1.save_pretrained(root / "text_encoder")
+    te2.save_pretrained(root / "text_encoder_2")
+    return te1, te2, root
+
+
+def token_ids(batch=2, length=77, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ids = np.full((batch, length), 0, np.int64)
+    for i, n in enumerate([5, 11, 3, 20][:batch]):
+        ids[i, 0], ids[i, n] = 521, 522
+        ids[i, 1:n] = rng.integers(2, 500, n - 1)
+    return ids
+
+
+def test_both_text_encoders_match_transformers(text_encoders):
+    """What SDXL takes from each: the penultimate hidden state (no final norm) of both, and the
+    projected pooled `text_embeds` of the second."""
+    te1, te2, root = text_encoders
+    ids = token_ids()
+    m1, p1 = clip_lib.load_clip_text_encoder(root, subfolder="text_encoder")
+    m2, p2 = clip_lib.load_clip_text_encoder(root, subfolder="text_encoder_2")
+    assert isinstance(m2, clip_lib.CLIPTextModelWithProjection) and m2.config.eos_token_id == 2
+    with torch.no_grad():
+        r1 = te1(torch.from_numpy(ids), output_hidden_states=True)
+        r2 = te2(torch.from_numpy(ids), output_hidden_states=True)
+    o1 = jax.jit(lambda p, i: m1.apply({"params": p}, i, output_hidden_states=True))(p1, ids)
+    o2 = jax.jit(lambda p, i: m2.apply({"params": p}, i, output_hidden_states=True))(p2, ids)
+    assert rel_err(o1.hidden_states[-2], r1.hidden_states[-2].numpy()) < RTOL
+    assert rel_err(o2.hidden_states[-2], r2.hidden_states[-2].numpy()) < RTOL
+    assert rel_err(o2.text_embeds, r2.text_embeds.numpy()) < RTOL
+    assert o1.text_embeds is None
