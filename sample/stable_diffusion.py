@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-dtype", choices=("bf16", "fp32", "fp16"), default=None,
                    help="default: fp32 when the VAE config says force_upcast, else --dtype")
     p.add_argument("--variant", default=None, help='weight variant to load, e.g. "fp16"')
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapter (.safetensors, PEFT/diffusers or kohya format) fused in at SCALE "
+                        "(default 1); repeatable")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let a shard index (*.safetensors.index.json) name files outside the model folder")
     p.add_argument("--devices", choices=("all", "one"), default="all",
@@ -131,6 +134,10 @@ def main(argv=None) -> list[Path]:
         pipe, params = module.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
                                             variant=args.variant, scheduler=args.scheduler,
                                             allow_outside_paths=args.allow_outside_paths)
+        if args.lora:
+            from jaxdiff.adapters.pipeline import fuse_loras
+
+            params = fuse_loras(params, args.lora)
         report: dict = {"times": {"load": time.perf_counter() - t0}}
         bar.update(1)
         bar.set_description("generate")

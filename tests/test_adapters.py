@@ -278,3 +278,29 @@ def test_two_adapters_with_traced_scales_match_diffusers_set_adapters(sd, files)
                                      jax.random.key(0), 7.5, config=config, latents=nhwc(_latents(1)))
         np.testing.assert_allclose(got, want, atol=ATOL)
     assert _generate._cache_size() == before + 1  # the second pair of scales reused the program
+
+
+@pytest.mark.extended
+def test_sample_program_fuses_lora_flags(sd, kohya, tmp_path):
+    """`sample.stable_diffusion --lora FILE:SCALE` (twice) writes the images of the params with
+    both adapters fused at their scales (PNG rounding: within one 8-bit level)."""
+    from PIL import Image
+
+    from jaxdiff.pipelines import stable_diffusion as sdp
+    from sample.stable_diffusion import main
+
+    pipe, params = sd
+    other = tmp_path / "other.safetensors"
+    write_kohya(other, seed=5)
+    latents = _latents(2)
+    np.save(tmp_path / "latents.npy", latents.numpy())
+    paths = main(["--model-dir", str(pipe.folder), "--prompt", PROMPTS[0], "--negative-prompt", NEGATIVE[0],
+                  "--steps", str(STEPS), "--latents", str(tmp_path / "latents.npy"), "--dtype", "fp32",
+                  "--devices", "one", "--no-compile-cache", "--out", str(tmp_path / "out"),
+                  "--lora", f"{kohya[0]}:0.6", "--lora", f"{other}:-0.4"])
+    fused = A.fuse(A.fuse(params, A.load_lora(kohya[0], params), 0.6)[0], A.load_lora(other, params), -0.4)[0]
+    ids, neg = sdp.tokenize_prompts(pipe, [PROMPTS[0]] * 2, NEGATIVE[0])
+    config = sdp.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    want = sdp.generate(pipe, fused, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(latents))
+    got = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
+    np.testing.assert_allclose(got, np.asarray(want), atol=1 / 255 + 1e-6)

@@ -50,3 +50,14 @@ def generate_with_adapters(pipe, params: dict, adapters: Sequence[dict], scales,
                      jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(negative_ids, jnp.int32), key,
                      jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
                      latents)
+
+
+def fuse_loras(params: dict, specs: Sequence[str]) -> dict:
+    """`params` with each ``FILE[:SCALE]`` adapter fused in at its scale (what
+    `sample.stable_diffusion --lora` does: no runtime cost for a one-off run)."""
+    from jaxdiff.adapters.apply import fuse
+
+    for spec in specs:
+        path, scale = parse_lora_spec(spec)
+        params, _ = fuse(params, load_lora(path, params), scale)
+    return params
