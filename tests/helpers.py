@@ -275,3 +275,37 @@ def vp_weight(state) -> np.ndarray:
     """sqrt(ᾱ_t) of each loop step: the x0-to-x_t scale of a VP scheduler."""
     t = np.asarray(state.loop_timesteps).astype(np.int64)
     return np.sqrt(np.asarray(state.alphas_cumprod, np.float64)[t])
+
+
+# ------------------------------------------------------------------------------------------------
+# Depth-to-image: a tiny DPT-hybrid (test_dpt, test_depth)
+# ------------------------------------------------------------------------------------------------
+
+DPT_SIZE = 64  # the tiny DPT's input side (BiT stride 16 → a 4×4 token grid)
+
+
+def build_tiny_dpt(folder: Path | None = None, batch_norm: bool = True):
+    """A tiny transformers DPT-hybrid (BiT bottleneck backbone, 4 ViT layers; batch norm in the
+    fusion residuals), perturbed so no weight or running statistic is trivial; saved to `folder`
+    with `save_pretrained` when given. Seeded from torch's global generator (seed it first)."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(
+        is_hybrid=True, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        image_size=DPT_SIZE, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 32, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
+        backbone_featmap_shape=[1, 64, 4, 4], use_batch_norm_in_fusion_residual=batch_norm,
+        backbone_config=dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 2],
+                             hidden_sizes=[16, 32, 64], embedding_size=8, num_groups=2,
+                             out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True))
+    model = perturb(DPTForDepthEstimation(config).eval(), 0.05)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.add_(0.1 * torch.randn_like(buf))
+            elif name.endswith("running_var"):
+                buf.mul_(1 + torch.rand_like(buf))
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
