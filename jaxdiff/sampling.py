@@ -48,7 +48,8 @@ def as_denoiser(module, params, **apply_kwargs) -> Denoiser:
 
 def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: jax.Array,
            key: Optional[jax.Array] = None, cond: Any = None, *, guidance: Optional[Guidance] = None,
-           scale_x_T: bool = True, return_trajectory: bool = False):
+           scale_x_T: bool = True, return_trajectory: bool = False,
+           after_step: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
     """Run the reverse process from x_T and return x_0 (same shape and dtype as x_T).
 
     denoise: `denoise(x, t, cond) -> model_output`; it receives
@@ -67,6 +68,9 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
         scheduler state of this step; `key` is a fresh per-step key (None when key is None).
     return_trajectory: also return the (num_steps, B, H, W, C) stacks of x_{t-1} and x0
         predictions, for plots.
+    after_step: optional `after_step(x_prev, i) -> x_prev` run on the scheduler's output of loop
+        step i (int32, 0-based; traced): inpainting with a 4-channel UNet blends the known
+        region back in here.
     """
     scheduler.check_state(state)
     x = x_T
@@ -79,7 +83,7 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
 
     def body(carry, inputs):
         x, st = carry
-        t, k = inputs
+        t, k, i = inputs
         k_guide = k_step = None
         if k is not None:
             k_guide, k_step = jax.random.split(k)
@@ -89,10 +93,12 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
             x = x_g.astype(x.dtype)
         out = scheduler.step(st, model_output, t, x, key=k_step)
         x_prev = out.prev_sample.astype(x.dtype)
+        if after_step is not None:
+            x_prev = after_step(x_prev, i).astype(x.dtype)
         ys = (x_prev, out.pred_original_sample) if return_trajectory else None
         return (x_prev, out.state), ys
 
-    (x, _), trajectory = jax.lax.scan(body, (x, state), (timesteps, keys))
+    (x, _), trajectory = jax.lax.scan(body, (x, state), (timesteps, keys, jnp.arange(n, dtype=jnp.int32)))
     if return_trajectory:
         return x, trajectory
     return x

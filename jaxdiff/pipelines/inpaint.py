@@ -1,0 +1,234 @@
+"""Inpainting as diffusers' `StableDiffusionInpaintPipeline` does it, in one compiled program.
+
+    pipe, params = load_pipeline("path/to/stable-diffusion-2-inpainting")      # or any SD 1.x/2.x folder
+    ids, neg = sd.tokenize_prompts(pipe, ["a cat on a bench"] * 2)
+    images = generate(pipe, params, ids, neg, jax.random.key(0), 7.5, image=image, mask=mask,
+                      config=sd.GenerateConfig(num_inference_steps=50, height=512, width=512))
+
+image: (B, H, W, 3) in [0, 1]; mask: (B, H, W, 1) in [0, 1], white (≥ 0.5) = repaint, binarised
+as diffusers' mask processor does. Two kinds of UNet:
+- 9 input channels (inpainting checkpoints): each step the UNet sees [latents ‖ mask ‖
+  masked-image latents], the mask downsampled (nearest) to the latents' size and the masked image
+  (`image · (mask < 0.5)`) encoded by the VAE.
+- 4 input channels (any text-to-image folder): after each step the known region is replaced by
+  the image's latents noised to the next timestep (clean after the last step), diffusers' blend.
+
+`config.strength` (default 1.0, diffusers' default): below 1 the loop runs the last
+`int(n · strength)` steps from the image's latents noised to the first of them (as img2img);
+at 1 it starts from pure noise. `latents` is that unit noise (B, h, w, 4) in both cases (for
+strength < 1 diffusers' own `latents=` argument ignores the image; its generator path is what
+this matches). Prompts, keys, guidance scale, images and masks are traced; the config is static.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import parallel
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.pipelines import registry
+from jaxdiff.pipelines import stable_diffusion as sd
+from jaxdiff.sampling import cfg, img2img_start, sample
+
+UNET_CHANNELS = (4, 9)
+
+
+def load_pipeline(folder: str | os.PathLike, **kwargs) -> tuple[sd.StableDiffusion, dict]:
+    """`(pipe, params)` of an inpainting folder (9-channel UNet) or of a text-to-image folder
+    (4-channel UNet, inpainted by blending). Keyword arguments as `stable_diffusion.load_pipeline`."""
+    pipe, params = sd.load_components(folder, kinds=("inpaint", "text-to-image"), **kwargs)
+    check_unet(pipe)
+    return pipe, params
+
+
+def check_unet(pipe: sd.StableDiffusion) -> None:
+    c, lat = pipe.unet.config.in_channels, pipe.latent_channels
+    if c not in (lat, 2 * lat + 1):
+        raise JaxdiffError(f"{pipe.folder}: the UNet takes {c} input channels; inpainting needs {lat} "
+                           f"(a text-to-image UNet) or {2 * lat + 1} (latents, mask, masked-image latents)")
+
+
+def prepare_mask(mask: jax.Array, factor: int) -> tuple[jax.Array, jax.Array]:
+    """(B, H, W, 1) in [0, 1] → the binarised mask at image size and at latent size (nearest:
+    every `factor`-th pixel, as torch's default `interpolate`)."""
+    binary = (mask >= 0.5).astype(jnp.float32)
+    return binary, binary[:, ::factor, ::factor, :]
+
+
+def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict, prompt_ids, negative_ids,
+              key, guidance_scale, image, mask, latents=None, image_latents=None, masked_image_latents=None):
+    batch = prompt_ids.shape[0]
+    shape = config.latent_shape(pipe, batch)
+    h, w = config.size(pipe)
+    for name, arr, channels in (("image", image, 3), ("mask", mask, 1)):
+        if tuple(arr.shape) != (batch, h, w, channels):
+            raise JaxdiffError(f"inpaint {name} of shape {tuple(arr.shape)}; this generation needs "
+                               f"NHWC {(batch, h, w, channels)}")
+    strength = 1.0 if config.strength is None else float(config.strength)
+    nine = pipe.unet.config.in_channels != pipe.latent_channels
+    k_noise, k_image, k_masked, k_sample = jax.random.split(key, 4)
+
+    ids = jnp.concatenate([prompt_ids, negative_ids], axis=0)
+    context = sd.encode_prompt(pipe, params, ids, config.clip_skip)
+    cond, uncond = context[:batch], context[batch:]
+
+    noise = jax.random.normal(k_noise, shape, jnp.float32) if latents is None else latents.astype(jnp.float32)
+    if tuple(noise.shape) != shape:
+        raise JaxdiffError(f"latents of shape {tuple(noise.shape)} do not fit this generation: expected NHWC {shape}")
+    image = jnp.asarray(image, jnp.float32)
+    mask_full, mask_latent = prepare_mask(jnp.asarray(mask, jnp.float32), pipe.vae_scale_factor)
+    if image_latents is None and (not nine or strength < 1.0):
+        image_latents = sd.encode_images(pipe, params, image, k_image)
+
+    sched = pipe.scheduler
+    with jax.ensure_compile_time_eval():
+        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps,
+                                    strength=None if strength == 1.0 else strength)
+    timesteps = state.loop_timesteps
+    if strength < 1.0:
+        x_T, scale_x_T = img2img_start(sched, state, image_latents.astype(jnp.float32), noise), False
+    else:
+        x_T, scale_x_T = noise, True
+
+    unet_params = params["unet"]
+    after_step = None
+    if nine:
+        if masked_image_latents is None:
+            masked = image * (1.0 - mask_full)  # diffusers: [-1, 1] image · (mask < 0.5); 0 in [-1, 1] is 0.5 here
+            masked_image_latents = sd.encode_images(pipe, params, masked + 0.5 * mask_full, k_masked)
+        extra = jnp.concatenate([mask_latent, masked_image_latents.astype(jnp.float32)], axis=-1)
+
+        def denoise(x, t, c):
+            ctx, ex = c
+            return pipe.unet.apply({"params": unet_params}, jnp.concatenate([x, ex], -1), t, ctx)
+
+        conds = ((cond, extra), (uncond, extra))
+    else:
+        def denoise(x, t, c):
+            return pipe.unet.apply({"params": unet_params}, x, t, c)
+
+        def after_step(x, i):
+            n = timesteps.shape[0]
+            t_next = timesteps[jnp.minimum(i + 1, n - 1)]
+            noised = sched.add_noise(state, image_latents, noise, jnp.broadcast_to(t_next, (batch,)))
+            known = jnp.where(i < n - 1, noised, image_latents)
+            return (1.0 - mask_latent) * known + mask_latent * x
+
+        conds = (cond, uncond)
+
+    guided = cfg(denoise, jnp.asarray(guidance_scale, jnp.float32))
+    out = sample(guided, sched, state, x_T, k_sample, conds, scale_x_T=scale_x_T, after_step=after_step)
+    if config.output == "latents":
+        return out
+    return sd.decode_latents(pipe, params, out)
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+_generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
+                          in_axes=(None, None, 0, 0, 0, 0, None, 0, 0, 0, 0, 0))
+
+
+def generate(pipe: sd.StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,
+             image, mask, config: sd.GenerateConfig = sd.GenerateConfig(), latents=None, image_latents=None,
+             masked_image_latents=None) -> jax.Array:
+    """Inpaint `image` where `mask` is white, in one compiled program.
+
+    prompt_ids, negative_ids: (B, 77) int32 (`stable_diffusion.tokenize_prompts`).
+    image: (B, H, W, 3) in [0, 1]; mask: (B, H, W, 1) in [0, 1] (≥ 0.5 = repaint); H, W =
+        config's size (default: the UNet's).
+    key: PRNG key (noise, the VAE posterior samples). guidance_scale: traced.
+    latents: the unit noise (B, h, w, 4), default drawn from `key`. image_latents,
+        masked_image_latents: already-encoded (scaled) latents of the image / of the masked image,
+        default: encoded here (posterior samples).
+    Returns (B, H, W, 3) float32 in [0, 1] (or latents, `config.output`).
+    """
+    return _generate_jit(pipe, config, params, jnp.asarray(prompt_ids, jnp.int32),
+                         jnp.asarray(negative_ids, jnp.int32), key, jnp.asarray(guidance_scale, jnp.float32),
+                         jnp.asarray(image, jnp.float32), jnp.asarray(mask, jnp.float32), latents,
+                         image_latents, masked_image_latents)
+
+
+def generate_parallel(pipe: sd.StableDiffusion, replicated_params: dict, prompt_ids, negative_ids, keys,
+                      guidance_scale=7.5, *, image, mask, config: sd.GenerateConfig = sd.GenerateConfig(),
+                      latents=None, image_latents=None, masked_image_latents=None) -> jax.Array:
+    """`generate` on every local device (`pmap`): rows d·b … d·b+b−1 of every batched input go to
+    device d with `keys[d]` (as `stable_diffusion.generate_parallel`)."""
+    n = parallel.device_count()
+    if np.shape(prompt_ids)[0] % n:
+        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over {n} devices; "
+                           f"use a multiple of {n}")
+    if len(keys) != n:
+        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+
+    def split(x, dtype=jnp.float32):
+        return None if x is None else jnp.asarray(x, dtype).reshape((n, -1) + tuple(np.shape(x)[1:]))
+
+    out = _generate_pmap(pipe, config, replicated_params, split(prompt_ids, jnp.int32),
+                         split(negative_ids, jnp.int32), keys, jnp.asarray(guidance_scale, jnp.float32),
+                         split(image), split(mask), split(latents), split(image_latents),
+                         split(masked_image_latents))
+    return out.reshape((-1,) + out.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------
+# What sample.stable_diffusion asks for
+# --------------------------------------------------------------------------------------------
+
+def read_inputs(request: registry.Request, factor: int):
+    """The request's image and mask files → ((1, H, W, 3), (1, H, W, 1)) in [0, 1], the mask
+    blurred (`mask_blur`, PIL's GaussianBlur as diffusers' `VaeImageProcessor.blur`) and both at
+    --height × --width (default: the image's size rounded down to a multiple of `factor`)."""
+    from PIL import ImageFilter
+
+    from jaxdiff.pipelines.inputs import load_init_image, open_image
+
+    image = load_init_image(request.init_image, request.height, request.width, factor)
+    h, w = image.shape[1:3]
+    mask = open_image(request.mask_image, "--mask-image", "L")
+    if request.mask_blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+    if mask.size != (w, h):
+        from PIL import Image
+        mask = mask.resize((w, h), Image.LANCZOS)
+    return image, (np.asarray(mask, np.float32) / 255.0)[None, :, :, None]
+
+
+def run_request(pipe: sd.StableDiffusion, params: dict, request: registry.Request, report: dict) -> np.ndarray:
+    """The program's inpainting run (`registry` protocol): (N, H, W, 3) in [0, 1]."""
+    r = request
+    if r.padding_mask_crop is not None:
+        raise JaxdiffError("--padding-mask-crop is not implemented yet; inpaint the whole image")
+    image, mask = read_inputs(r, pipe.vae_scale_factor)
+    latents = None
+    num_images = r.num_images
+    if r.latents:
+        latents = sd.load_latents(r.latents)
+        num_images = num_images or latents.shape[0]
+    num_images = num_images or 1
+    config = sd.GenerateConfig(r.steps, image.shape[1], image.shape[2], strength=r.strength)
+    if latents is not None:
+        sd.check_latents(latents, config.latent_shape(pipe, num_images), r.latents)
+    images, masks = np.repeat(image, num_images, 0), np.repeat(mask, num_images, 0)
+    ids, neg = sd.tokenize_prompts(pipe, [r.prompt] * num_images, r.negative_prompt)
+    n_dev = parallel.device_count()
+    use_pmap = registry.use_pmap(r, num_images, n_dev)
+    report["where"] = registry.describe_devices(use_pmap, n_dev)
+    key = jax.random.key(r.seed)
+    t0 = time.perf_counter()
+    if use_pmap:
+        out = generate_parallel(pipe, sd.replicate_params(params), ids, neg, jax.random.split(key, n_dev),
+                                r.guidance_scale, image=images, mask=masks, config=config, latents=latents)
+    else:
+        out = generate(pipe, params, ids, neg, key, r.guidance_scale, image=images, mask=masks,
+                       config=config, latents=latents)
+    out = np.asarray(out)
+    report.setdefault("times", {})["compile+generate"] = time.perf_counter() - t0
+    return out
+
+
+__all__ = ["load_pipeline", "check_unet", "prepare_mask", "generate", "generate_parallel", "read_inputs",
+           "run_request"]
