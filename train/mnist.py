@@ -146,7 +146,8 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
     loss_fn = diffusion_loss(as_apply_fn(model), scheduler,
                              scheduler.create_state(), cfg_dropout=config.cfg_dropout,
                              null_label=model.null_label, snr_gamma=config.snr_gamma or None)
-    train_step = make_train_step(loss_fn, tx, ema=EMA(decay=config.ema_decay) if config.ema_decay else None)
+    train_step = make_train_step(loss_fn, tx, ema=EMA(decay=config.ema_decay) if config.ema_decay else None,
+                                 grad_accum=settings.grad_accum)
     key = jax.random.PRNGKey(config.seed)
     state = run.start(create_train_state(model.init_weights(key), tx, jax.random.fold_in(key, 1),
                                          ema=config.ema_decay > 0), record, batch_size=config.batch_size)

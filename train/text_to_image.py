@@ -194,7 +194,7 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     total_steps = run.plan_steps(len(data), config.batch_size, TEXT_TO_IMAGE_DEFAULT_STEPS, fixed_length=None
                                  if config.lr_schedule == "constant" else f"{config.lr_schedule} learning-rate schedule")
     fetch, loss_fn = batches_and_loss(run, settings, config, data, pipe, params, resolution)
-    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps)
+    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps, grad_accum=settings.grad_accum)
     record = RunRecord(PROGRAM, dataclasses.asdict(config),
                        data={"fingerprint": data.fingerprint, "images": len(data), "source": data.source})
     state = run.start(create_train_state(params.pop("unet"), tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),

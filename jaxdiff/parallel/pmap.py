@@ -70,10 +70,15 @@ def gather(tree: PyTree) -> PyTree:
     return jax.tree.map(np.asarray, unshard(jax.device_get(tree)))
 
 
-def example_keys(key: jax.Array, local_batch: int, axis_name: str | None = AXIS) -> jax.Array:
+def example_keys(key: jax.Array, local_batch: int, axis_name: str | None = AXIS,
+                 index: jax.Array | None = None) -> jax.Array:
     """One PRNG key per example, keyed by its index in the *global* batch, so the random draws
     of an example do not depend on how many devices share the batch. Inside `pmap` over
-    `axis_name`; with `axis_name=None` the batch is all on one device."""
+    `axis_name`; with `axis_name=None` the batch is all on one device (or one global array).
+    `index` (local_batch,): the examples' global indices when they are not consecutive (a
+    micro-batch of gradient accumulation)."""
+    if index is not None:
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
     first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * local_batch
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(local_batch))
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import unknown_choice
 from jaxdiff.parallel.pmap import AXIS, example_keys
-from jaxdiff.training.state import LossFn
+from jaxdiff.training.state import EXAMPLE_INDEX, LossFn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -65,7 +65,8 @@ def denoising_loss(apply_fn: Callable, scheduler, scheduler_state, prepare: Prep
         raise unknown_choice("prediction_type", prediction_type, PREDICTION_TYPES)
 
     def loss_fn(params, batch, key):
-        x0, noise, t, cond = prepare(batch, example_keys(key, batch_size(batch), axis_name))
+        keys = example_keys(key, batch_size(batch), axis_name, batch.get(EXAMPLE_INDEX))
+        x0, noise, t, cond = prepare(batch, keys)
         x_t = scheduler.add_noise(scheduler_state, x0, noise, t)
         target = scheduler.training_target(scheduler_state, x0, noise, t)
         pred = apply_fn(params, x_t, t, cond)

@@ -37,7 +37,9 @@ class LoopSettings:
     checkpoints every `checkpoint_every` steps (the last `keep_checkpoints` kept), an evaluation
     every `eval_every` steps (0 = never), the loss logged every `log_every` steps to
     `log_backend`, a progress bar. A run stops with an error after `max_nonfinite_steps` steps
-    in a row whose loss or gradients were not finite (their updates are skipped)."""
+    in a row whose loss or gradients were not finite (their updates are skipped). `grad_accum`
+    K: each update from K micro-batches of the batch, in one compiled step (a memory lever: the
+    update is the same up to float rounding, so it may change on --resume)."""
 
     steps: Optional[int] = None
     epochs: Optional[float] = None
@@ -49,6 +51,7 @@ class LoopSettings:
     log_backend: str = "auto"
     progress: bool = True
     max_nonfinite_steps: int = MAX_NONFINITE_STEPS
+    grad_accum: int = 1
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_help: str) -> None:
@@ -69,10 +72,16 @@ def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_
     g.add_argument("--max-nonfinite-steps", type=int, default=MAX_NONFINITE_STEPS,
                    help="steps in a row with a non-finite loss or gradient (each one's update is "
                         f"skipped) before the run stops with an error (default {MAX_NONFINITE_STEPS})")
+    g = parser.add_argument_group("memory and devices")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="compute each update from K micro-batches of --batch-size / K, one after the "
+                        "other inside the compiled step: a K-th of the activation memory, the same "
+                        "update (default 1)")
 
 
 def check_loop_flags(args: argparse.Namespace) -> None:
-    at_least(args, 1, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_steps")
+    at_least(args, 1, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_steps",
+             "grad_accum")
     at_least(args, 0, "eval_every")
     one_of(args, "steps", "epochs")
     positive(args, "epochs")
@@ -101,6 +110,17 @@ def run_config(cls, args: argparse.Namespace, saved: Optional[Mapping], *, missi
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in missing.items() if k not in saved},
                   **{k: v for k, v in saved.items() if k in names}})
+
+
+def check_batch_split(batch_size: int, grad_accum: int = 1) -> int:
+    """The micro-batch per device: `batch_size` checked to split over every device and into
+    `grad_accum` micro-batches."""
+    n = distributed.global_device_count()
+    if batch_size < 1 or batch_size % (n * grad_accum):
+        what = f"{n} devices x --grad-accum {grad_accum}" if grad_accum > 1 else f"{n} devices"
+        raise JaxdiffError(f"--batch-size {batch_size} must be a positive multiple of the {what} "
+                           f"({n * grad_accum}); change --batch-size" + (" or --grad-accum" if grad_accum > 1 else ""))
+    return batch_size // (n * grad_accum)
 
 
 def sampling_params(state):
@@ -205,6 +225,7 @@ class TrainingRun:
         from jaxdiff.training.run_log import RunLog
 
         s = self.settings
+        check_batch_split(batch_size, s.grad_accum)
         record = record.replace(program=self.program, total_steps=self.total_steps)
         # Process 0 reads and writes checkpoints; the others get the state from it.
         self.checkpointer = Checkpointer(self.ckpt_dir, max_to_keep=s.keep_checkpoints, best_metric=best_metric,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdiff.errors import JaxdiffError
 from jaxdiff.parallel.pmap import AXIS
 
 PyTree = Any
@@ -81,22 +82,86 @@ def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
 # The step
 # --------------------------------------------------------------------------------------------
 
+EXAMPLE_INDEX = "example_index"  # a batch entry: the examples' indices in the global batch (b,)
+SHARED_ENTRIES = ("encoders",)  # batch entries every example uses (frozen encoder params): not split
+
+
+def micro_batches(batch: Mapping, grad_accum: int, *, first: jax.Array | int = 0,
+                  shared: tuple = SHARED_ENTRIES) -> dict:
+    """Split this device's batch (b, ...) into `grad_accum` micro-batches (K, b / K, ...):
+    micro-batch k holds rows k, k + K, k + 2K, ... (strided, so under `jit` over a sharded batch
+    each device keeps its own rows and no data moves). Each micro-batch gets the `EXAMPLE_INDEX`
+    of its rows (`first` + row), so its random draws are those of the whole batch. Entries
+    named in `shared` are not split (`micro_batches(...)` leaves them out; pass them along)."""
+    split = {k: v for k, v in batch.items() if k not in shared}
+    sizes = {x.shape[0] for x in jax.tree.leaves(split)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch entries have different leading sizes {sorted(sizes)}")
+    b = sizes.pop()
+    if b % grad_accum:
+        raise JaxdiffError(f"a batch of {b} per device does not split into {grad_accum} micro-batches; "
+                           f"use a batch size divisible by {grad_accum} x the devices")
+    m = b // grad_accum
+
+    def strided(x):
+        return x.reshape((m, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+
+    micro = jax.tree.map(strided, split)
+    index = batch.get(EXAMPLE_INDEX)
+    micro[EXAMPLE_INDEX] = strided(first + jnp.arange(b, dtype=jnp.int32) if index is None else index)
+    return micro
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    axis_name: str | None = AXIS, ema: EMA | None = None) -> Callable:
+                    axis_name: str | None = AXIS, ema: EMA | None = None,
+                    grad_accum: int = 1, shared: tuple = SHARED_ENTRIES) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, pure. `loss_fn(params, batch, key)`
     returns (mean loss over its batch, metrics). Under `pmap` over `axis_name` the gradients,
     loss and metrics are averaged across devices (`lax.pmean`), so with equal per-device batches
-    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`.
+    the update equals one device's on the whole global batch; `axis_name=None` for plain `jit`
+    (also over a sharded global batch: XLA then reduces the gradients).
+
+    `grad_accum` K > 1: the same update from K micro-batches of each device's batch, one after
+    the other inside the one compiled step (`lax.scan`; gradients and metrics are averaged),
+    so only a K-th of the activations is alive at a time. The examples keep their random draws
+    (each micro-batch carries its rows' `EXAMPLE_INDEX`), so the update equals the K = 1 update
+    up to float rounding. `shared`: batch entries that are not per-example (not split).
 
     A step whose loss, gradient norm or update is not finite changes neither the params, the
     optimizer state nor the EMA (the step counter still advances, so the next step draws new
     noise); `metrics["nonfinite"]` is 1.0 for such a step, else 0.0."""
     ema = ema or EMA()
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise JaxdiffError(f"--grad-accum must be a positive integer, got {grad_accum}")
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch, key):
+        if grad_accum == 1:
+            (loss, metrics), grads = value_and_grad(params, batch, key)
+            return grads, {**metrics, "loss": loss}
+        local = {k: v for k, v in batch.items() if k not in shared}
+        b = jax.tree.leaves(local)[0].shape[0]
+        first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+        micro = micro_batches(batch, grad_accum, first=first, shared=shared)
+        common = {k: v for k, v in batch.items() if k in shared}
+
+        def one(carry, mb):
+            (loss, metrics), grads = value_and_grad(params, {**mb, **common}, key)
+            return jax.tree.map(jnp.add, carry, (grads, {**metrics, "loss": loss})), None
+
+        shapes = jax.eval_shape(lambda mb: gradients_shape(params, {**mb, **common}, key),
+                                jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(one, zeros, micro)
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
+    def gradients_shape(params, batch, key):
+        (loss, metrics), grads = value_and_grad(params, batch, key)
+        return grads, {**metrics, "loss": loss}
 
     def train_step(state: TrainState, batch: Mapping) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-        metrics = {**metrics, "loss": loss}
+        grads, metrics = gradients(state.params, batch, key)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

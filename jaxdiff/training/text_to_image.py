@@ -166,9 +166,11 @@ def training_resolution(pipe, resolution: Optional[int] = None) -> int:
     return int(resolution)
 
 
-def train_step_for(config, loss_fn: Callable, total_steps: int):
+def train_step_for(config, loss_fn: Callable, total_steps: int, *, grad_accum: int = 1,
+                   axis_name: Optional[str] = AXIS):
     """(train_step, optimizer, learning-rate schedule) of a fine-tuning config (the fields of
-    `jaxdiff.training.configs.TextToImageConfig`): AdamW with warm-up and clipping, optional EMA."""
+    `jaxdiff.training.configs.TextToImageConfig`): AdamW with warm-up and clipping, optional EMA;
+    `grad_accum` micro-batches per update; `axis_name` None under `jit` over a mesh."""
     from jaxdiff.training.optim import make_optimizer
     from jaxdiff.training.state import EMA, make_train_step
 
@@ -178,7 +180,7 @@ def train_step_for(config, loss_fn: Callable, total_steps: int):
         max_grad_norm=config.max_grad_norm or None)
     ema = EMA(decay=config.ema_decay, update_after_step=config.ema_update_after_step, use_warmup=config.ema_warmup,
               inv_gamma=config.ema_inv_gamma, power=config.ema_power) if config.ema_decay > 0 else None
-    return make_train_step(loss_fn, tx, ema=ema), tx, lr_schedule
+    return make_train_step(loss_fn, tx, ema=ema, grad_accum=grad_accum, axis_name=axis_name), tx, lr_schedule
 
 
 # --------------------------------------------------------------------------------------------
