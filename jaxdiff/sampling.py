@@ -49,6 +49,7 @@ def as_denoiser(module, params, **apply_kwargs) -> Denoiser:
 def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: jax.Array,
            key: Optional[jax.Array] = None, cond: Any = None, *, guidance: Optional[Guidance] = None,
            scale_x_T: bool = True, return_trajectory: bool = False,
+           num_steps: Optional[int] = None,
            after_step: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
     """Run the reverse process from x_T and return x_0 (same shape and dtype as x_T).
 
@@ -68,6 +69,8 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
         scheduler state of this step; `key` is a fresh per-step key (None when key is None).
     return_trajectory: also return the (num_steps, B, H, W, C) stacks of x_{t-1} and x0
         predictions, for plots.
+    num_steps: run only the first `num_steps` loop timesteps (static; SDXL's `denoising_end`:
+        the base stops part-way and a refiner continues from its latents).
     after_step: optional `after_step(x_prev, i) -> x_prev` run on the scheduler's output of loop
         step i (int32, 0-based; traced): inpainting with a 4-channel UNet blends the known
         region back in here.
@@ -78,6 +81,8 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
         x = (x * scheduler.init_noise_sigma(state)).astype(x_T.dtype)
     state = scheduler.init_history(state, x.shape, jnp.float32)
     timesteps = state.loop_timesteps
+    if num_steps is not None:
+        timesteps = timesteps[:num_steps]
     n = timesteps.shape[0]
     keys = None if key is None else jax.random.split(key, n)
 

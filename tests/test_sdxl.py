@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from helpers import assert_trees_equal, nchw, perturb, rel_err
+
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import clip as clip_lib
-from jaxdiff.models.unet_2d_condition import UNet2DConditionConfig, load_unet_2d_condition
+from jaxdiff.models.unet_2d_condition import (
+    UNet2DConditionConfig,
+    load_unet_2d_condition,
+)
 
 RTOL = 1e-4
 IMAGE_ATOL = 5e-4
@@ -29,22 +32,22 @@ IMAGE_ATOL = 5e-4
 # SDXL base layout at toy size: DownBlock2D first, two cross-attention levels with (1, 2)
 # transformer layers, linear projections, per-level heads, 64 = 32 + 32 (both encoders) context,
 # 6 time ids × 8 + a 32-wide pooled embedding.
-BASE_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
-    cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time",
-    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+BASE_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 32, 64), "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 2, 4), "transformer_layers_per_block": (1, 1, 2), "use_linear_projection": True,
+    "cross_attention_dim": 64, "norm_num_groups": 8, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32}
 # The refiner: four levels, context from the second encoder only, 5 time ids (aesthetic score).
-REFINER_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4, 4, 4), transformer_layers_per_block=(1, 2, 1, 1),
-    use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
-    addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=5 * 8 + 32)
+REFINER_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32, 32, 32), "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4, 4, 4), "transformer_layers_per_block": (1, 2, 1, 1),
+    "use_linear_projection": True, "cross_attention_dim": 32, "norm_num_groups": 8,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 5 * 8 + 32}
 
 
 def torch_unet(config: dict, seed: int = 0):
@@ -183,3 +186,122 @@ def test_both_text_encoders_match_transformers(text_encoders):
     assert rel_err(o2.hidden_states[-2], r2.hidden_states[-2].numpy()) < RTOL
     assert rel_err(o2.text_embeds, r2.text_embeds.numpy()) < RTOL
     assert o1.text_embeds is None
+
+
+# ----------------------------------------------------------------------------- pipelines (extended)
+
+SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "steps_offset": 1, "timestep_spacing": "leading"}  # SDXL's scheduler_config.json
+PROMPTS = ["a red apple on a table", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(text_encoders, fixtures_dir, tmp_path_factory):
+    """A tiny SDXL base and refiner built with diffusers and `save_pretrained` (the tiny SD
+    fixture's VAE and tokenizer; tokenizer_2 pads with "!" as SDXL's does): (base folder,
+    refiner folder, diffusers base pipeline, diffusers refiner pipeline)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTokenizer
+
+    te1, te2, _ = text_encoders
+    fixture = fixtures_dir / "tiny-sd-pt-v1"
+    tokenizer = CLIPTokenizer.from_pretrained(fixture / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(fixture / "tokenizer", pad_token="!")
+    vae = AutoencoderKL.from_pretrained(fixture / "vae").eval()
+    scheduler = EulerDiscreteScheduler(**SCHEDULER)
+    base = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=torch_unet(BASE_UNET), scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=torch_unet(REFINER_UNET, seed=1), scheduler=scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+    base_dir, refiner_dir = tmp_path_factory.mktemp("sdxl-base"), tmp_path_factory.mktemp("sdxl-refiner")
+    base.save_pretrained(base_dir)
+    refiner.save_pretrained(refiner_dir)
+    return base_dir, refiner_dir, base, refiner
+
+
+@pytest.fixture(scope="module")
+def jax_sdxl(sdxl_folders):
+    from jaxdiff.pipelines import sdxl
+
+    base_dir, refiner_dir, _, _ = sdxl_folders
+    return (sdxl.load_sdxl_pipeline(base_dir, dtype=jnp.float32),
+            sdxl.load_sdxl_pipeline(refiner_dir, dtype=jnp.float32))
+
+
+def noise(shape, seed=0) -> np.ndarray:
+    """NHWC float32 latents, from torch's generator (as diffusers draws them)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).numpy().transpose(0, 2, 3, 1).copy()
+
+
+def diffusers_images(pipe, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = pipe(output_type="np", **kwargs).images
+    return np.asarray(out, np.float32)
+
+
+@pytest.mark.extended
+def test_sdxl_txt2img_matches_diffusers(sdxl_folders, jax_sdxl):
+    """Two prompts, negative prompts (and the zeroed unconditional branch), guidance 5,
+    a non-square original size and a crop: the images within 5e-4."""
+    from jaxdiff.pipelines import sdxl
+
+    _, _, base, _ = sdxl_folders
+    (pipe, params), _ = jax_sdxl
+    lat = noise((2, 4, 8, 8))
+    cond = {"original_size": (64, 48), "crops_coords_top_left": (4, 0)}
+    images = []
+    for negative in (None, ["blurry", "ugly"]):
+        want = diffusers_images(base, prompt=PROMPTS, negative_prompt=negative, num_inference_steps=3,
+                                guidance_scale=5.0, latents=torch.from_numpy(lat.transpose(0, 3, 1, 2)),
+                                height=16, width=16, **cond)
+        got = sdxl.generate(pipe, params, sdxl.tokenize_prompts(pipe, PROMPTS, negative),
+                            sdxl.micro_conditioning(pipe, 16, 16, **cond), jax.random.key(0), 5.0,
+                            config=sdxl.XLGenerateConfig(3, 16, 16), latents=lat)
+        assert got.shape == (2, 16, 16, 3)
+        np.testing.assert_allclose(np.asarray(got), want, atol=IMAGE_ATOL, rtol=0)
+        images.append(want)
+    assert np.abs(images[0] - images[1]).max() > 20 * IMAGE_ATOL  # the tolerance tells them apart
+
+
+@pytest.mark.extended
+def test_sdxl_refiner_img2img_and_base_to_refiner_match_diffusers(sdxl_folders, jax_sdxl):
+    """The refiner as img2img (strength 0.6, aesthetic scores) from given latents and noise, and
+    diffusers' ensemble of experts: base to denoising_end=0.7 as latents, refiner from there."""
+    from jaxdiff.pipelines import sdxl
+
+    _, _, base, refiner = sdxl_folders
+    (bpipe, bparams), (rpipe, rparams) = jax_sdxl
+    init, eps = noise((1, 4, 8, 8), seed=3), noise((1, 4, 8, 8), seed=4)
+    want = diffusers_images(refiner, prompt="a cat", image=torch.from_numpy(init.transpose(0, 3, 1, 2)),
+                            strength=0.6, num_inference_steps=4, guidance_scale=6.0, aesthetic_score=7.0,
+                            negative_aesthetic_score=2.0, generator=torch.Generator().manual_seed(4))
+    got = sdxl.generate(rpipe, rparams, sdxl.tokenize_prompts(rpipe, "a cat"),
+                        sdxl.micro_conditioning(rpipe, 16, 16, aesthetic_score=7.0, negative_aesthetic_score=2.0),
+                        jax.random.key(0), 6.0, config=sdxl.XLGenerateConfig(4, 16, 16, strength=0.6),
+                        init_latents=init, latents=eps)
+    np.testing.assert_allclose(np.asarray(got), want, atol=IMAGE_ATOL, rtol=0)
+
+    lat = noise((1, 4, 8, 8), seed=5)
+    with torch.no_grad():
+        handoff = base(prompt="a cat", num_inference_steps=5, denoising_end=0.7, output_type="latent",
+                       latents=torch.from_numpy(lat.transpose(0, 3, 1, 2)), guidance_scale=5.0).images
+    want = diffusers_images(refiner, prompt="a cat", image=handoff, num_inference_steps=5,
+                            denoising_start=0.7, guidance_scale=5.0)
+    key = jax.random.key(0)
+    got_handoff = sdxl.generate(bpipe, bparams, sdxl.tokenize_prompts(bpipe, "a cat"),
+                                sdxl.micro_conditioning(bpipe, 16, 16), key, 5.0, latents=lat,
+                                config=sdxl.XLGenerateConfig(5, 16, 16, denoising_end=0.7, output="latents"))
+    np.testing.assert_allclose(np.asarray(got_handoff), handoff.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+    got = sdxl.generate(rpipe, rparams, sdxl.tokenize_prompts(rpipe, "a cat"),
+                        sdxl.micro_conditioning(rpipe, 16, 16), key, 5.0, init_latents=got_handoff,
+                        config=sdxl.XLGenerateConfig(5, 16, 16, denoising_start=0.7))
+    np.testing.assert_allclose(np.asarray(got), want, atol=IMAGE_ATOL, rtol=0)
