@@ -168,6 +168,15 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     return pipe, params
 
 
+def load_single_file(file: str | os.PathLike, **kwargs) -> tuple[StableDiffusion, dict]:
+    """`(pipe, params)` from one original-layout `.safetensors` checkpoint (SD 1.x/2.x), the same
+    objects `load_pipeline` returns; `config_dir=`, `prediction_type=` and the dtype/scheduler
+    arguments of `load_pipeline` (see `jaxdiff.single_file.load_single_file`)."""
+    from jaxdiff.single_file import load_single_file as load
+
+    return load(file, **kwargs)
+
+
 def load_components(folder: str | os.PathLike, *, kinds: Sequence[str] = ("text-to-image",),
                     dtype=jnp.bfloat16, param_dtype=None, vae_dtype=None,
                     text_encoder_dtype=jnp.float32, variant: str | None = None,
@@ -551,4 +560,4 @@ def check_latents(latents: np.ndarray, expected: tuple[int, ...], source: str = 
 __all__ = ["StableDiffusion", "GenerateConfig", "load_pipeline", "tokenize_prompts", "encode_prompt",
            "generate", "compile_generate", "generate_parallel", "replicate_params", "decode_latents",
            "encode_images", "load_latents", "check_latents", "read_model_index", "load_components",
-           "run_request"]
+           "run_request", "load_single_file"]
