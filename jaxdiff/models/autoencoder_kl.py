@@ -19,6 +19,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import weights as W
 from jaxdiff.errors import JaxdiffError, unknown_choice
@@ -269,6 +270,77 @@ def unscale_latents(config: AutoencoderKLConfig, latents: jax.Array) -> jax.Arra
     if config.shift_factor is not None:
         z = z + config.shift_factor
     return z
+
+
+def tile_sizes(config: AutoencoderKLConfig) -> tuple[int, int]:
+    """(latent, image) side of the tiles `decode_tiled` decodes: the config's `sample_size`
+    (the image side) and that / the downscale factor, as diffusers' `enable_tiling`."""
+    size = config.sample_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return int(size / config.downscale_factor), size
+
+
+def decode_tiled(vae: AutoencoderKL, params: dict, z: jax.Array, *,
+                 overlap_factor: float = 0.25) -> jax.Array:
+    """`vae.decode` of unscaled latents z (B, h, w, C) in overlapping tiles, as diffusers'
+    `AutoencoderKL.tiled_decode` (`vae.enable_tiling()`): tiles of `tile_sizes(config)` latent
+    pixels every `tile · (1 − overlap_factor)`, each decoded alone (`post_quant_conv` and decoder),
+    then in raster order each blended linearly into its (already blended) upper and left
+    neighbours over `image_tile · overlap_factor` pixels and cropped to the stride. Tiles of one
+    shape are decoded by one `lax.map` (one at a time), so device memory holds one tile's
+    activations and the decoded tiles, not a whole-image decoder pass. Latents no larger than a
+    tile are decoded whole. Returns (B, H, W, out_channels) float32."""
+    latent_tile, sample_tile = tile_sizes(vae.config)
+    b, h, w, _ = z.shape
+
+    def decode(tile):
+        return vae.apply({"params": params}, tile, method=vae.decode)
+
+    if h <= latent_tile and w <= latent_tile:
+        return decode(z)
+    stride = int(latent_tile * (1 - overlap_factor))
+    blend = int(sample_tile * overlap_factor)
+    keep = sample_tile - blend
+    rows, cols = range(0, h, stride), range(0, w, stride)
+    groups: dict[tuple[int, int], list] = {}
+    for a, i in enumerate(rows):
+        for c, j in enumerate(cols):
+            groups.setdefault((min(latent_tile, h - i), min(latent_tile, w - j)), []).append((a, c, i, j))
+    decoded = {}
+    for (th, tw), items in groups.items():
+        tiles = jnp.stack([z[:, i:i + th, j:j + tw] for _, _, i, j in items])
+        out = jax.lax.map(decode, tiles)
+        for k, (a, c, _, _) in enumerate(items):
+            decoded[a, c] = out[k]
+    done, image_rows = {}, []
+    for a in range(len(rows)):
+        row = []
+        for c in range(len(cols)):
+            tile = decoded[a, c]
+            if a > 0:
+                tile = _blend(done[a - 1, c], tile, blend, axis=1)
+            if c > 0:
+                tile = _blend(done[a, c - 1], tile, blend, axis=2)
+            done[a, c] = tile
+            row.append(tile[:, :keep, :keep])
+        image_rows.append(jnp.concatenate(row, axis=2))
+    return jnp.concatenate(image_rows, axis=1)
+
+
+def _blend(prev: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.Array:
+    """diffusers' blend_v (axis 1) / blend_h (axis 2): the first `extent` rows (columns) of
+    `tile` fade in linearly from the last ones of `prev`."""
+    extent = min(prev.shape[axis], tile.shape[axis], extent)
+    if extent <= 0:
+        return tile
+    y = np.arange(extent, dtype=np.float64)
+    shape = [1, 1, 1, 1]
+    shape[axis] = extent
+    w_new = jnp.asarray((y / extent).astype(np.float32).reshape(shape))
+    w_old = jnp.asarray((1 - y / extent).astype(np.float32).reshape(shape))
+    head = (jax.lax.slice_in_dim(prev, prev.shape[axis] - extent, prev.shape[axis], axis=axis) * w_old
+            + jax.lax.slice_in_dim(tile, 0, extent, axis=axis) * w_new)
+    return jnp.concatenate([head, jax.lax.slice_in_dim(tile, extent, tile.shape[axis], axis=axis)], axis=axis)
 
 
 def decode_dtype(config: AutoencoderKLConfig, dtype) -> jnp.dtype:

@@ -25,7 +25,8 @@ def open_image(path: str, flag: str, mode: str = "RGB"):
         raise JaxdiffError(f"{flag} {p} is not an image PIL can read ({e})") from None
 
 
-def _resized(image, height: int | None, width: int | None, factor: int, flag: str, path: str):
+def _resized(image, height: int | None, width: int | None, factor: int, flag: str, path: str,
+             resample: str = "lanczos"):
     from PIL import Image
 
     w = width or image.width // factor * factor
@@ -33,15 +34,16 @@ def _resized(image, height: int | None, width: int | None, factor: int, flag: st
     if h <= 0 or w <= 0:
         raise JaxdiffError(f"{flag} {path} is smaller than {factor} pixels")
     if (w, h) != image.size:
-        image = image.resize((w, h), Image.LANCZOS)
+        image = image.resize((w, h), {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}[resample])
     return image
 
 
 def load_init_image(path: str, height: int | None, width: int | None, factor: int,
-                    flag: str = "--init-image") -> np.ndarray:
-    """An RGB image file → (1, H, W, 3) float32 in [0, 1], resized (Lanczos) to height×width
-    (default: its own size rounded down to a multiple of `factor`)."""
-    image = _resized(open_image(path, flag), height, width, factor, flag, path)
+                    flag: str = "--init-image", resample: str = "lanczos") -> np.ndarray:
+    """An RGB image file → (1, H, W, 3) float32 in [0, 1], resized (`resample`: "lanczos" or
+    "bicubic", as diffusers' image processors) to height×width (default: its own size rounded
+    down to a multiple of `factor`)."""
+    image = _resized(open_image(path, flag), height, width, factor, flag, path, resample)
     return (np.asarray(image, np.float32) / 255.0)[None]
 
 
