@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="img2img/inpaint/depth: how much of the schedule to run (0..1]; default 0.8 (inpaint 1.0)")
     p.add_argument("--noise-level", type=int, default=None,
                    help="upscale: noise added to the low-resolution image (default 20)")
+    p.add_argument("--refiner-dir", default=None,
+                   help="SDXL: a refiner folder that finishes the base's schedule (ensemble of experts)")
+    p.add_argument("--high-noise-frac", type=finite_float, default=None,
+                   help="SDXL with --refiner-dir: the part of the schedule the base runs, (0, 1) (default 0.8)")
     p.add_argument("--latents", default=None, help="initial latents, NCHW float32 .npy (as diffusers takes them)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16", help="UNet compute dtype")
     p.add_argument("--vae-dtype", choices=("bf16", "fp32", "fp16"), default=None,
@@ -92,12 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check(args) -> None:
     at_least(args, 1, "steps", "num_images")
     at_least(args, 0, "mask_blur", "padding_mask_crop", "noise_level")
-    positive(args, "strength")
+    positive(args, "strength", "high_noise_frac")
     in_range(args, 0.0, 1.0, "strength", include_high=True)
     in_range(args, 0.0, 1.0, "guidance_rescale", include_high=True)
+    in_range(args, 0.0, 1.0, "high_noise_frac")
     for flag, path in (("--model-dir", args.model_dir), ("--latents", args.latents),
                        ("--init-image", args.init_image), ("--mask-image", args.mask_image),
-                       ("--depth-map", args.depth_map)):
+                       ("--depth-map", args.depth_map), ("--refiner-dir", args.refiner_dir)):
         if path and not Path(path).exists():
             raise JaxdiffError(f"{flag} {path} does not exist")
     for name in ("height", "width"):

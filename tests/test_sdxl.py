@@ -112,6 +112,19 @@ def test_sdxl_unet_loads_fp16_variant_and_shards(base_unet, tmp_path):
     assert_trees_equal(p16, jax.tree.map(lambda p: p.astype(jnp.float16).astype(jnp.float32), params))
 
 
+def test_old_flax_sdxl_msgpack_loads_as_the_safetensors(base_unet, tmp_path):
+    """diffusers' Flax SDXL folders (`diffusion_flax_model.msgpack`, `FlaxUNet2DConditionModel`)
+    name the text_time parameters as the PyTorch ones (`add_embedding/linear_1/kernel`, ...)."""
+    from flax.serialization import msgpack_serialize
+
+    _, folder, _, params, _, _ = base_unet
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_class_name": "FlaxUNet2DConditionModel"}))
+    (tmp_path / "diffusion_flax_model.msgpack").write_bytes(msgpack_serialize(jax.tree.map(np.asarray, params)))
+    _, loaded = load_unet_2d_condition(tmp_path, subfolder=None)
+    assert_trees_equal(loaded, params)
+
+
 def test_text_time_unet_without_its_inputs_is_one_clear_error(base_unet):
     _, _, apply, params, (x, t, ctx, added), _ = base_unet
     with pytest.raises(JaxdiffError, match="added_cond_kwargs"):
@@ -305,3 +318,83 @@ def test_sdxl_refiner_img2img_and_base_to_refiner_match_diffusers(sdxl_folders, 
                         sdxl.micro_conditioning(rpipe, 16, 16), key, 5.0, init_latents=got_handoff,
                         config=sdxl.XLGenerateConfig(5, 16, 16, denoising_start=0.7))
     np.testing.assert_allclose(np.asarray(got), want, atol=IMAGE_ATOL, rtol=0)
+
+
+@pytest.mark.extended
+def test_prompts_guidance_sizes_and_aesthetic_scores_do_not_recompile(jax_sdxl):
+    """All of them are traced: new values give new images from the same compiled program."""
+    from jaxdiff.pipelines import sdxl
+
+    (base, bparams), (refiner, rparams) = jax_sdxl
+    key, lat = jax.random.key(0), noise((2, 4, 8, 8))
+
+    def run_base(prompt, cond, w):
+        return np.asarray(sdxl.generate(base, bparams, prompt, cond, key, w, latents=lat,
+                                        config=sdxl.XLGenerateConfig(3, 16, 16)))
+
+    first = run_base(sdxl.tokenize_prompts(base, PROMPTS), sdxl.micro_conditioning(base, 16, 16), 5.0)
+    count = sdxl.compiled_programs()
+    others = [
+        run_base(sdxl.tokenize_prompts(base, ["a dog", "a boat"], ["dark", "blurry"], prompts_2="a painting"),
+                 sdxl.micro_conditioning(base, 16, 16), 5.0),
+        run_base(sdxl.tokenize_prompts(base, PROMPTS), sdxl.micro_conditioning(
+            base, 16, 16, original_size=(1024, 512), crops_coords_top_left=(3, 5), target_size=(8, 8),
+            negative_original_size=(32, 32), negative_target_size=(16, 16)), 5.0),
+        run_base(sdxl.tokenize_prompts(base, PROMPTS), sdxl.micro_conditioning(base, 16, 16), 9.0),
+    ]
+    init, eps = noise((1, 4, 8, 8), seed=3), noise((1, 4, 8, 8), seed=4)
+
+    def run_refiner(score, negative_score, w):
+        cond = sdxl.micro_conditioning(refiner, 16, 16, aesthetic_score=score, negative_aesthetic_score=negative_score)
+        return np.asarray(sdxl.generate(refiner, rparams, sdxl.tokenize_prompts(refiner, "a cat"), cond, key, w,
+                                        config=sdxl.XLGenerateConfig(4, 16, 16, strength=0.6),
+                                        init_latents=init, latents=eps))
+
+    refined = run_refiner(7.0, 2.0, 6.0)
+    count_refiner = sdxl.compiled_programs()
+    assert count_refiner <= count + 1
+    others_refined = [run_refiner(3.0, 9.0, 6.0), run_refiner(7.0, 2.0, 2.0)]
+    assert sdxl.compiled_programs() == count_refiner
+    for a, b in [(first, o) for o in others] + [(refined, o) for o in others_refined]:
+        assert np.abs(a - b).max() > 1e-3  # each input reaches the images
+
+
+def test_refiner_flags_are_refused_clearly(fixtures_dir, tmp_path, capsys):
+    """--refiner-dir belongs to SDXL folders; --high-noise-frac must be in (0, 1): one error line."""
+    from sample.stable_diffusion import main
+
+    base = ["--model-dir", str(fixtures_dir / "tiny-sd-pt-v1"), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    for extra, message in [(["--refiner-dir", str(tmp_path)], "takes no --refiner-dir; --refiner-dir is for sdxl"),
+                           (["--high-noise-frac", "1.5"], "--high-noise-frac must be in [0, 1)")]:
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.extended
+def test_sample_program_runs_base_and_refiner(sdxl_folders, jax_sdxl, tmp_path, capsys):
+    """`python -m sample.stable_diffusion --model-dir BASE --refiner-dir REFINER --high-noise-frac F`
+    writes what the library's base → refiner handoff makes from the same latents."""
+    from PIL import Image
+
+    from jaxdiff.pipelines import sdxl
+    from sample.stable_diffusion import main
+
+    base_dir, refiner_dir, _, _ = sdxl_folders
+    (base, bparams), (refiner, rparams) = jax_sdxl
+    lat = noise((1, 4, 8, 8), seed=5)
+    np.save(tmp_path / "lat.npy", lat.transpose(0, 3, 1, 2))
+    paths = main(["--model-dir", str(base_dir), "--refiner-dir", str(refiner_dir), "--high-noise-frac", "0.7",
+                  "--prompt", "a cat", "--steps", "5", "--guidance-scale", "5", "--dtype", "fp32",
+                  "--latents", str(tmp_path / "lat.npy"), "--out", str(tmp_path / "out")])
+    assert len(paths) == 1 and "sdxl" in capsys.readouterr().out
+    key = jax.random.key(0)
+    handoff = sdxl.generate(base, bparams, sdxl.tokenize_prompts(base, "a cat"), sdxl.micro_conditioning(base, 16, 16),
+                            key, 5.0, latents=lat,
+                            config=sdxl.XLGenerateConfig(5, 16, 16, denoising_end=0.7, output="latents"))
+    want = sdxl.generate(refiner, rparams, sdxl.tokenize_prompts(refiner, "a cat"),
+                         sdxl.micro_conditioning(refiner, 16, 16), key, 5.0, init_latents=handoff,
+                         config=sdxl.XLGenerateConfig(5, 16, 16, denoising_start=0.7))
+    got = np.asarray(Image.open(paths[0]), np.float32) / 255
+    np.testing.assert_allclose(got, np.asarray(want[0]), atol=1 / 255 + 1e-6)

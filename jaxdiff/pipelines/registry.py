@@ -39,6 +39,8 @@ INPUTS: dict[str, tuple[str, str]] = {
     "depth_map": ("--depth-map", "a depth map, .npy or 16-bit PNG"),
     "strength": ("--strength", "how much of the schedule to run, (0, 1]"),
     "noise_level": ("--noise-level", "noise added to the low-resolution image, 0..max_noise_level"),
+    "refiner_dir": ("--refiner-dir", "an SDXL refiner folder that finishes the base's schedule"),
+    "high_noise_frac": ("--high-noise-frac", "the part of the schedule the SDXL base runs, (0, 1)"),
     "mask_blur": ("--mask-blur", "Gaussian blur of the mask, in pixels"),
     "padding_mask_crop": ("--padding-mask-crop", "crop to the mask's box plus this margin"),
 }
@@ -64,6 +66,8 @@ class Request:
     noise_level: int | None = None
     mask_blur: float | None = None
     padding_mask_crop: int | None = None
+    refiner_dir: str | None = None
+    high_noise_frac: float | None = None
     devices: str = "all"  # "all": pmap when the images split evenly over the devices; "one"
 
 
@@ -112,7 +116,7 @@ PIPELINES: tuple[PipelineSpec, ...] = (
                  defaults={**_T2I_DEFAULTS, "strength": 0.8}),
     PipelineSpec("sdxl", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
                  "SDXL (two text encoders, added conditioning)", "jaxdiff.pipelines.sdxl",
-                 accepted=("init_image", "strength"),
+                 accepted=("init_image", "strength", "refiner_dir", "high_noise_frac"),
                  defaults={"steps": 50, "guidance_scale": 5.0, "strength": 0.3}),
 )
 KINDS = tuple(s.kind for s in PIPELINES)

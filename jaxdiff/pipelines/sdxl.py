@@ -454,15 +454,42 @@ def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, condition
     if config.use_guidance_rescale is False and not (isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0):
         config = dataclasses.replace(config, use_guidance_rescale=True)
     batch = np.shape(prompt.ids_2)[0]
-    as_ids = (lambda a: None if a is None else jnp.asarray(a, jnp.int32))
-    prompt = PromptIds(as_ids(prompt.ids), as_ids(prompt.ids_2), as_ids(prompt.negative_ids),
-                       as_ids(prompt.negative_ids_2), jnp.asarray(prompt.negative_scale, jnp.float32))
+    prompt = _prompt_arrays(prompt)
     n = pipe.num_time_ids
     return _generate_jit(pipe, config, params, prompt,
                          _time_ids(conditioning.time_ids, batch, n, "time_ids"),
                          _time_ids(conditioning.negative_time_ids, batch, n, "negative time_ids"), key,
                          jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
                          latents, init_image, init_latents)
+
+
+def _prompt_arrays(prompt: PromptIds) -> PromptIds:
+    as_ids = (lambda a: None if a is None else jnp.asarray(a, jnp.int32))
+    return PromptIds(as_ids(prompt.ids), as_ids(prompt.ids_2), as_ids(prompt.negative_ids),
+                     as_ids(prompt.negative_ids_2), jnp.asarray(prompt.negative_scale, jnp.float32))
+
+
+def compile_generate(pipe: StableDiffusionXL, params: dict, batch: int, *,
+                     config: XLGenerateConfig = XLGenerateConfig()):
+    """Ahead-of-time compile text-to-image `generate` for `batch` prompts; returns
+    `fn(params, prompt, conditioning, key, guidance_scale, guidance_rescale=0.0) -> images`
+    (benchmarks time compilation with it)."""
+    n = pipe.num_time_ids
+    ids = jax.ShapeDtypeStruct((batch, pipe.max_length), jnp.int32)
+    first = ids if pipe.text_encoder is not None else None
+    prompt = PromptIds(first, ids, first, ids, jax.ShapeDtypeStruct((), jnp.float32))
+    time_ids = jax.ShapeDtypeStruct((batch, n), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    compiled = _generate_jit.lower(pipe, config, params, prompt, time_ids, time_ids, jax.random.key(0),
+                                   scalar, scalar, None, None, None).compile()
+
+    def run(params, prompt: PromptIds, conditioning: MicroConditioning, key, guidance_scale, guidance_rescale=0.0):
+        return compiled(params, _prompt_arrays(prompt), _time_ids(conditioning.time_ids, batch, n, "time_ids"),
+                        _time_ids(conditioning.negative_time_ids, batch, n, "negative time_ids"), key,
+                        jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
+                        None, None, None)
+
+    return run
 
 
 def compiled_programs() -> int:
@@ -541,6 +568,7 @@ __all__ = [
     "PromptIds",
     "StableDiffusionXL",
     "XLGenerateConfig",
+    "compile_generate",
     "compiled_programs",
     "encode_prompt",
     "generate",
