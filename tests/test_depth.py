@@ -189,3 +189,45 @@ def test_a_text_to_image_folder_is_refused(fixtures_dir):
 
     with pytest.raises(JaxdiffError, match="StableDiffusionPipeline.*not depth-to-image"):
         depth.load_pipeline(fixtures_dir / "tiny-sd-pt-v1", dtype=jnp.float32)
+
+
+@pytest.mark.extended
+def test_sample_program_runs_depth_folders(folder, pipeline, image, tmp_path):
+    """`python -m sample.stable_diffusion` on a depth folder with --init-image, a 16-bit PNG
+    --depth-map and --latents (NCHW .npy) writes what `generate` makes from the same inputs."""
+    from sample.stable_diffusion import main
+
+    Image.fromarray(image[0]).save(tmp_path / "init.png")
+    ramp = (np.add.outer(np.arange(20), 2 * np.arange(24)) * 700).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    noise = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(4)).numpy()
+    np.save(tmp_path / "latents.npy", noise)
+    paths = main(["--model-dir", str(folder), "--prompt", PROMPTS[0], "--negative-prompt", "blurry",
+                  "--init-image", str(tmp_path / "init.png"), "--depth-map", str(tmp_path / "depth.png"),
+                  "--strength", str(STRENGTH), "--steps", str(STEPS), "--latents", str(tmp_path / "latents.npy"),
+                  "--dtype", "fp32", "--devices", "one", "--no-compile-cache", "--out", str(tmp_path / "out")])
+    written = np.stack([np.asarray(Image.open(p)) for p in paths])
+    pipe, params = pipeline
+    ids, neg = sd.tokenize_prompts(pipe.sd, [PROMPTS[0]] * 2, "blurry")
+    config = sd.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, strength=STRENGTH)
+    want = depth.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, image=np.repeat(image / 255.0, 2, 0),
+                          depth_map=ramp[None].astype(np.float32), config=config, latents=nhwc(noise))
+    assert written.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(written.astype(int) - np.round(np.asarray(want) * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "StableDiffusionDepth2ImgPipeline (depth-to-image): it needs --init-image"),
+    (["--init-image", "x.png", "--mask-image", "x.png"], "takes no --mask-image"),
+])
+def test_sample_program_asks_for_what_depth_needs(tmp_path, capsys, flags, message):
+    """Checked from model_index.json alone, before anything is loaded: one error line."""
+    from sample.stable_diffusion import main
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionDepth2ImgPipeline"}')
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    flags = [str(tmp_path / f) if f.endswith(".png") else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        main(["--model-dir", str(tmp_path), "--prompt", "a castle", "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
