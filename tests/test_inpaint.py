@@ -198,3 +198,28 @@ def test_the_program_asks_for_what_the_folder_needs(fixtures_dir, tmp_path):
             main.__wrapped__(["--model-dir", *flags, *base])
     with pytest.raises(JaxdiffError, match="not a text-to-image pipeline|load it with jaxdiff.pipelines.inpaint"):
         sd.load_pipeline(folder)
+
+
+@pytest.mark.extended
+def test_the_program_inpaints_as_generate_does(folders, pipelines, tmp_path):
+    """`python -m sample.stable_diffusion` on the inpainting folder with --init-image, --mask-image
+    and --latents writes what `inpaint.generate` makes of the same files."""
+    from PIL import Image
+
+    from sample.stable_diffusion import main
+
+    image_pil, mask_pil, image, mask = make_inputs(2)
+    image_pil.save(tmp_path / "image.png")
+    mask_pil.save(tmp_path / "mask.png")
+    latents = replay(3, 1)[0][:1].numpy()
+    np.save(tmp_path / "latents.npy", latents)
+    paths = main(["--model-dir", str(folders["nine"]), "--prompt", PROMPTS[0], "--init-image",
+                  str(tmp_path / "image.png"), "--mask-image", str(tmp_path / "mask.png"), "--latents",
+                  str(tmp_path / "latents.npy"), "--steps", "3", "--dtype", "fp32", "--devices", "one",
+                  "--no-compile-cache", "--out", str(tmp_path / "out")])
+    written = np.asarray(Image.open(paths[0]))
+    pipe, params = pipelines["nine"]
+    ids, neg = sd.tokenize_prompts(pipe, [PROMPTS[0]], "")
+    want = inpaint.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, image=image, mask=mask,
+                            config=sd.GenerateConfig(3, SIZE, SIZE, strength=1.0), latents=nhwc(latents))
+    assert np.abs(written.astype(int) - np.round(np.asarray(want[0]) * 255)).max() <= 1

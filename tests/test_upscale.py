@@ -148,3 +148,23 @@ def test_the_program_needs_the_low_res_image(folder, tmp_path):
     with pytest.raises(JaxdiffError, match="takes no --strength"):
         main.__wrapped__(["--model-dir", str(folder), "--prompt", "x", "--out", str(tmp_path),
                           "--init-image", str(folder / "model_index.json"), "--strength", "0.5"])
+
+
+@pytest.mark.extended
+def test_the_program_upscales_as_generate_does(folder, loaded, tmp_path):
+    from PIL import Image
+
+    from sample.stable_diffusion import main
+
+    pil, images = low_res_images(3)
+    pil[0].save(tmp_path / "low.png")
+    paths = main(["--model-dir", str(folder), "--prompt", PROMPTS[0], "--init-image", str(tmp_path / "low.png"),
+                  "--steps", "2", "--noise-level", "30", "--seed", "4", "--dtype", "fp32", "--devices", "one", "--no-compile-cache",
+                  "--out", str(tmp_path / "out")])
+    written = np.asarray(Image.open(paths[0]))
+    assert written.shape == (4 * LOW, 4 * LOW, 3)
+    pipe, params = loaded
+    ids, neg = sd.tokenize_prompts(pipe, [PROMPTS[0]], "")
+    want = upscale.generate(pipe, params, ids, neg, jax.random.key(4), 9.0, image=images[:1], noise_level=30,
+                            config=upscale.UpscaleConfig(num_inference_steps=2))
+    assert np.abs(written.astype(int) - np.round(np.asarray(want[0]) * 255)).max() <= 1
