@@ -127,7 +127,6 @@ def train_and_evaluate(run, settings: FinetuneSettings) -> dict:
     """Train (or continue) the run as configured; returns the summary."""
     import jax
 
-    from jaxdiff import parallel
     from jaxdiff.data.images import ImageBatches, ImageFetcher, Preprocess, load_images
     from jaxdiff.images import save_png
     from jaxdiff.schedulers import scheduler_class
@@ -151,8 +150,10 @@ def train_and_evaluate(run, settings: FinetuneSettings) -> dict:
     total_steps = run.plan_steps(len(data), step_batch, FINETUNE_DEFAULT_STEPS, fixed_length=None
                                  if config.lr_schedule == "constant" else f"{config.lr_schedule} learning-rate schedule")
     scheduler = training_scheduler(model.scheduler_config)
-    loss_fn = finetune_loss(model.module, scheduler, snr_gamma=config.snr_gamma)
-    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps, grad_accum=settings.grad_accum)
+    engine = run.engine
+    loss_fn = finetune_loss(model.module, scheduler, snr_gamma=config.snr_gamma, axis_name=engine.axis_name)
+    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps, grad_accum=settings.grad_accum,
+                                                 axis_name=engine.axis_name)
     params = model.params
     if params is None:  # resuming: the shapes only; the weights come from the checkpoint
         from jaxdiff.models.unet_2d import init_params
@@ -173,27 +174,36 @@ def train_and_evaluate(run, settings: FinetuneSettings) -> dict:
 
     def next_batch():
         batch = next(batches)
-        return parallel.shard({k: batch[k] for k in keep})
+        return engine.place_batch({k: batch[k] for k in keep})
 
     grids = SampleGrid(model, settings.sample_scheduler, settings.sample_steps, settings.num_samples, config.seed) \
         if settings.samples or settings.eval_every else None
 
+    def host_params(p_state):
+        """The sampling weights on the host (every process joins a collective copy)."""
+        if run.main or engine.copy_is_collective(p_state):
+            return sampling_params(engine.host_copy(p_state))
+        return None
+
     def evaluate(p_state, step):
+        params = host_params(p_state)
         if run.main:
-            run.log.image(step, "samples", grids.grid(sampling_params(parallel.host_copy(p_state))))
+            run.log.image(step, "samples", grids.grid(params))
             run.log.flush()
 
     def scalars(step, m):
         return {"loss": float(m["loss"][0]), "grad_norm": float(m["grad_norm"][0]), "lr": float(lr_schedule(step - 1))}
 
-    trained = run.train(parallel.pmap(train_step), parallel.replicate(state), next_batch, lambda: batches.position,
+    trained = run.train(engine.compile(train_step), engine.place_state(state), next_batch, lambda: batches.position,
                         scalars=scalars, evaluate=evaluate, close_data=batches.close)
     summary = {**run.summary(trained, step_batch), "compile_seconds": round(trained.compile_seconds, 2),
                "grad_accum": settings.grad_accum, "ema": config.ema_decay > 0,
                "skipped_images": batches.skipped_images}
 
+    final = host_params(trained.state)
+
     def samples_and_export():
-        params = sampling_params(parallel.host_copy(trained.state))
+        params = final
         if settings.samples:
             t0 = time.perf_counter()
             grid = grids.grid(params)
