@@ -109,3 +109,28 @@ def test_unsupported_processor_and_model_configs_are_refused(tmp_path):
         dpt_preprocess.load_image_processor_config(tmp_path)
     with pytest.raises(JaxdiffError, match="layer_type"):
         dpt.DPTConfig.from_dict({"is_hybrid": True, "backbone_config": {"layer_type": "preactivation"}})
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("readout_type", ["project", "add", "ignore"])
+def test_vit_dpt_depth_matches_transformers(tmp_path, readout_type):
+    """The plain ViT DPT (patch embeddings, four reassembled ViT layers, no BiT)."""
+    from helpers import perturb
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(1)
+    ref = perturb(DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
+        patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, readout_type=readout_type)).eval(), 0.05)
+    with torch.no_grad():
+        ref.head.head[4].bias.fill_(0.5)  # keep the final ReLU's output above zero
+    ref.save_pretrained(tmp_path / "dpt")
+    model, params = dpt.load_dpt(tmp_path / "dpt", None)
+    assert not model.config.is_hybrid
+    x = np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).predicted_depth.numpy()
+    got = np.asarray(jax.jit(model.apply)({"params": params}, nhwc(x)))
+    assert np.abs(want).max() > 0
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
