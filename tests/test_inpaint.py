@@ -164,10 +164,42 @@ def test_mask_blur_is_pils_gaussian_blur(tmp_path):
     mask_pil.save(tmp_path / "mask.png")
     request = registry.Request("x", init_image=str(tmp_path / "image.png"), mask_image=str(tmp_path / "mask.png"),
                                mask_blur=2.0)
-    image, mask = inpaint.read_inputs(request, 8)
-    assert image.shape == (1, SIZE, SIZE, 3) and mask.shape == (1, SIZE, SIZE, 1)
+    image, mask, overlay = inpaint.read_inputs(request, 8)
+    assert image.shape == (1, SIZE, SIZE, 3) and mask.shape == (1, SIZE, SIZE, 1) and overlay is None
     want = np.asarray(mask_pil.filter(ImageFilter.GaussianBlur(2.0)), np.float32) / 255.0
     np.testing.assert_array_equal(mask[0, :, :, 0], want)
+
+
+def test_padding_mask_crop_is_diffusers_crop_fill_and_overlay(tmp_path):
+    """--padding-mask-crop: the crop box, the "fill" resize of image and mask to the generation
+    size and the overlay of the result on the original are diffusers' VaeImageProcessor's."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    original = Image.fromarray(rng.integers(0, 256, size=(44, 52, 3), dtype=np.uint8))
+    mask = np.zeros((44, 52), np.uint8)
+    mask[30:40, 6:14] = 255
+    mask_pil = Image.fromarray(mask, "L")
+    original.save(tmp_path / "image.png")
+    mask_pil.save(tmp_path / "mask.png")
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    mask_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                                       do_convert_grayscale=True)
+    for pad in (0, 3, 30):
+        crop = processor.get_crop_region(mask_pil, 48, 40, pad=pad)
+        assert inpaint.crop_region(mask_pil, 48, 40, pad) == crop
+        request = registry.Request("x", init_image=str(tmp_path / "image.png"), mask_image=str(tmp_path / "mask.png"),
+                                   padding_mask_crop=pad)
+        image, got_mask, (_, _, got_crop) = inpaint.read_inputs(request, 8)
+        assert got_crop == crop and image.shape == (1, 40, 48, 3)
+        want = processor.preprocess(original, height=40, width=48, crops_coords=crop, resize_mode="fill")
+        np.testing.assert_allclose(image * 2 - 1, nhwc(want), atol=1e-6)
+        want_mask = mask_processor.preprocess(mask_pil, height=40, width=48, crops_coords=crop, resize_mode="fill")
+        np.testing.assert_array_equal(inpaint.prepare_mask(jnp.asarray(got_mask), 8)[0], nhwc(want_mask))
+        generated = Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+        np.testing.assert_array_equal(np.asarray(inpaint.apply_overlay(mask_pil, original, generated, crop)),
+                                      np.asarray(processor.apply_overlay(mask_pil, original, generated, crop)))
 
 
 def test_the_program_asks_for_what_the_folder_needs(fixtures_dir, tmp_path):

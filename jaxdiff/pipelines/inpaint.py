@@ -178,31 +178,136 @@ def generate_parallel(pipe: sd.StableDiffusion, replicated_params: dict, prompt_
 # What sample.stable_diffusion asks for
 # --------------------------------------------------------------------------------------------
 
+def _pil_resample():
+    from PIL import Image
+
+    return Image.LANCZOS  # diffusers' VaeImageProcessor default
+
+
+def crop_region(mask, width: int, height: int, pad: int = 0) -> tuple[int, int, int, int]:
+    """diffusers' `VaeImageProcessor.get_crop_region`: the box (x1, y1, x2, y2) around the mask's
+    non-black pixels, grown by `pad` and then to the aspect ratio width:height (kept inside the
+    image). `mask`: a PIL image."""
+    m = np.asarray(mask.convert("L"))
+    h, w = m.shape
+    cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+    if cols.size == 0:
+        raise JaxdiffError("--padding-mask-crop: the mask has no white pixel to crop around")
+    x1, y1 = int(max(cols[0] - pad, 0)), int(max(rows[0] - pad, 0))
+    x2, y2 = int(min(cols[-1] + 1 + pad, w)), int(min(rows[-1] + 1 + pad, h))
+    ratio_crop, ratio = (x2 - x1) / (y2 - y1), width / height
+    if ratio_crop > ratio:
+        diff = int((x2 - x1) / ratio - (y2 - y1))
+        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
+        if y2 >= h:
+            y1, y2 = y1 - (y2 - h), h
+        if y1 < 0:
+            y1, y2 = 0, y2 - y1
+        y2 = min(y2, h)
+    else:
+        diff = int((y2 - y1) * ratio - (x2 - x1))
+        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
+        if x2 >= w:
+            x1, x2 = x1 - (x2 - w), w
+        if x1 < 0:
+            x1, x2 = 0, x2 - x1
+        x2 = min(x2, w)
+    return x1, y1, x2, y2
+
+
+def resize(image, width: int, height: int, mode: str = "default"):
+    """diffusers' `VaeImageProcessor.resize` of a PIL image (Lanczos): "default" stretches,
+    "fill" fits inside and fills the margins by stretching the edge rows/columns, "crop" covers
+    and centres (the excess cut)."""
+    from PIL import Image
+
+    resample = _pil_resample()
+    if mode == "default":
+        return image.resize((width, height), resample=resample)
+    ratio, src_ratio = width / height, image.width / image.height
+    if mode == "crop":
+        src_w = width if ratio > src_ratio else image.width * height // image.height
+        src_h = height if ratio <= src_ratio else image.height * width // image.width
+    else:
+        src_w = width if ratio < src_ratio else image.width * height // image.height
+        src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=resample)
+    res = Image.new("RGB", (width, height))
+    res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if mode == "fill" and ratio < src_ratio:
+        fill = height // 2 - src_h // 2
+        if fill > 0:
+            res.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
+            res.paste(resized.resize((width, fill), box=(0, resized.height, width, resized.height)),
+                      box=(0, fill + src_h))
+    elif mode == "fill" and ratio > src_ratio:
+        fill = width // 2 - src_w // 2
+        if fill > 0:
+            res.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
+            res.paste(resized.resize((fill, height), box=(resized.width, 0, resized.width, height)),
+                      box=(fill + src_w, 0))
+    return res
+
+
+def apply_overlay(mask, init_image, image, crop: tuple[int, int, int, int] | None = None):
+    """diffusers' `VaeImageProcessor.apply_overlay`: the generated PIL `image` (resized into the
+    `crop` box of the original when given) under the original where the mask is black."""
+    from PIL import Image, ImageOps
+
+    width, height = init_image.width, init_image.height
+    kept = Image.new("RGBa", (width, height))
+    kept.paste(init_image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    kept = kept.convert("RGBA")
+    if crop is not None:
+        x, y, x2, y2 = crop
+        base = Image.new("RGBA", (width, height))
+        base.paste(resize(image, x2 - x, y2 - y, "crop"), (x, y))
+        image = base.convert("RGB")
+    image = image.convert("RGBA")
+    image.alpha_composite(kept)
+    return image.convert("RGB")
+
+
 def read_inputs(request: registry.Request, factor: int):
-    """The request's image and mask files → ((1, H, W, 3), (1, H, W, 1)) in [0, 1], the mask
-    blurred (`mask_blur`, PIL's GaussianBlur as diffusers' `VaeImageProcessor.blur`) and both at
-    --height × --width (default: the image's size rounded down to a multiple of `factor`)."""
+    """The request's image and mask files, as diffusers' processors make them:
+    ((1, H, W, 3), (1, H, W, 1)) float32 in [0, 1], plus (original image, mask, crop box) for
+    `apply_overlay` when `padding_mask_crop` is given (else None). The mask is blurred first
+    (`mask_blur`: PIL's GaussianBlur, diffusers' `VaeImageProcessor.blur`); H×W is
+    --height × --width, default the image's size rounded down to a multiple of `factor`; with
+    `padding_mask_crop` both are cropped to `crop_region` and resized to H×W in "fill" mode."""
     from PIL import ImageFilter
 
-    from jaxdiff.pipelines.inputs import load_init_image, open_image
+    from jaxdiff.pipelines.inputs import open_image
 
-    image = load_init_image(request.init_image, request.height, request.width, factor)
-    h, w = image.shape[1:3]
-    mask = open_image(request.mask_image, "--mask-image", "L")
+    original = open_image(request.init_image, "--init-image")
+    mask = open_image(request.mask_image, "--mask-image", mode=None)
+    if mask.mode not in ("L", "RGB"):
+        mask = mask.convert("RGB")
     if request.mask_blur:
         mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
-    if mask.size != (w, h):
-        from PIL import Image
-        mask = mask.resize((w, h), Image.LANCZOS)
-    return image, (np.asarray(mask, np.float32) / 255.0)[None, :, :, None]
+    w = request.width or original.width // factor * factor
+    h = request.height or original.height // factor * factor
+    if h <= 0 or w <= 0:
+        raise JaxdiffError(f"--init-image {request.init_image} is smaller than {factor} pixels")
+    crop, mode, image = None, "default", original
+    if request.padding_mask_crop is not None:
+        crop, mode = crop_region(mask, w, h, request.padding_mask_crop), "fill"
+        image, mask_in = image.crop(crop), mask.crop(crop)
+    else:
+        mask_in = mask
+    if image.size != (w, h) or mode != "default":
+        image = resize(image, w, h, mode)
+    if mask_in.size != (w, h) or mode != "default":
+        mask_in = resize(mask_in, w, h, mode)
+    arrays = ((np.asarray(image.convert("RGB"), np.float32) / 255.0)[None],
+              (np.asarray(mask_in.convert("L"), np.float32) / 255.0)[None, :, :, None])
+    return arrays + ((original, mask, crop) if crop is not None else None,)
 
 
 def run_request(pipe: sd.StableDiffusion, params: dict, request: registry.Request, report: dict) -> np.ndarray:
     """The program's inpainting run (`registry` protocol): (N, H, W, 3) in [0, 1]."""
     r = request
-    if r.padding_mask_crop is not None:
-        raise JaxdiffError("--padding-mask-crop is not implemented yet; inpaint the whole image")
-    image, mask = read_inputs(r, pipe.vae_scale_factor)
+    image, mask, overlay = read_inputs(r, pipe.vae_scale_factor)
     latents = None
     num_images = r.num_images
     if r.latents:
@@ -227,8 +332,15 @@ def run_request(pipe: sd.StableDiffusion, params: dict, request: registry.Reques
                        config=config, latents=latents)
     out = np.asarray(out)
     report.setdefault("times", {})["compile+generate"] = time.perf_counter() - t0
+    if overlay is not None:  # diffusers pastes the uint8 result into the original image
+        from PIL import Image
+
+        original, mask_image, crop = overlay
+        pixels = np.round(out * 255.0).clip(0, 255).astype(np.uint8)
+        out = np.stack([np.asarray(apply_overlay(mask_image, original, Image.fromarray(p), crop), np.float32)
+                        for p in pixels]) / 255.0
     return out
 
 
 __all__ = ["load_pipeline", "check_unet", "prepare_mask", "generate", "generate_parallel", "read_inputs",
-           "run_request"]
+           "crop_region", "resize", "apply_overlay", "run_request"]

@@ -12,15 +12,17 @@ import numpy as np
 from jaxdiff.errors import JaxdiffError
 
 
-def open_image(path: str, flag: str, mode: str = "RGB"):
-    """A PIL image in `mode`, or one JaxdiffError line naming the flag."""
+def open_image(path: str, flag: str, mode: str | None = "RGB"):
+    """A PIL image in `mode` (None: as stored), or one JaxdiffError line naming the flag."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise JaxdiffError(f"{flag} {p} does not exist")
     try:
-        return Image.open(p).convert(mode)
+        image = Image.open(p)
+        image.load()
+        return image.convert(mode) if mode else image
     except (UnidentifiedImageError, OSError) as e:
         raise JaxdiffError(f"{flag} {p} is not an image PIL can read ({e})") from None
 
