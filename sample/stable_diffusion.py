@@ -7,6 +7,9 @@ depth-to-image, the x4 upscaler, SDXL — on every local device.
         --prompt "a cat on a bench" --init-image bench.png --mask-image mask.png --out cats/
     python -m sample.stable_diffusion --model-dir ./stable-diffusion-x4-upscaler \\
         --prompt "a white cat" --init-image cat-128.png --noise-level 20 --out big/
+    python -m sample.stable_diffusion --model-dir ./stable-diffusion-xl-base-1.0 \\
+        --refiner-dir ./stable-diffusion-xl-refiner-1.0 --high-noise-frac 0.8 \\
+        --prompt "a majestic lion jumping from a big stone at night" --steps 40 --out lions/
 
 The folder's model_index.json (`_class_name`) picks the pipeline (jaxdiff.pipelines.registry), and
 the pipeline says what it needs: inpainting needs --init-image and --mask-image (white = repaint),

@@ -286,6 +286,31 @@ def test_sdxl_txt2img_matches_diffusers(sdxl_folders, jax_sdxl):
 
 
 @pytest.mark.extended
+def test_sdxl_with_dpm_solver_karras_matches_diffusers(sdxl_folders, jax_sdxl):
+    """Another sampler SDXL folders are run with: DPM-Solver++ (2M) on Karras sigmas, taken from
+    the folder's Euler config as diffusers' `from_config` does."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from jaxdiff.pipelines import sdxl
+    from jaxdiff.schedulers import create_scheduler
+
+    _, _, base, _ = sdxl_folders
+    (pipe, params), _ = jax_sdxl
+    lat = noise((1, 4, 8, 8), seed=7)
+    euler = base.scheduler
+    base.scheduler = DPMSolverMultistepScheduler.from_config(euler.config, use_karras_sigmas=True)
+    try:
+        want = diffusers_images(base, prompt="a cat", num_inference_steps=4, guidance_scale=5.0, height=16,
+                                width=16, latents=torch.from_numpy(lat.transpose(0, 3, 1, 2)))
+    finally:
+        base.scheduler = euler
+    dpm = pipe.with_scheduler(create_scheduler(pipe.folder / "scheduler", name="dpm++", use_karras_sigmas=True))
+    got = sdxl.generate(dpm, params, sdxl.tokenize_prompts(dpm, "a cat"), sdxl.micro_conditioning(dpm, 16, 16),
+                        jax.random.key(0), 5.0, config=sdxl.XLGenerateConfig(4, 16, 16), latents=lat)
+    np.testing.assert_allclose(np.asarray(got), want, atol=IMAGE_ATOL, rtol=0)
+
+
+@pytest.mark.extended
 def test_sdxl_refiner_img2img_and_base_to_refiner_match_diffusers(sdxl_folders, jax_sdxl):
     """The refiner as img2img (strength 0.6, aesthetic scores) from given latents and noise, and
     diffusers' ensemble of experts: base to denoising_end=0.7 as latents, refiner from there."""
