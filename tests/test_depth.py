@@ -198,7 +198,7 @@ def test_sample_program_runs_depth_folders(folder, pipeline, image, tmp_path):
     from sample.stable_diffusion import main
 
     Image.fromarray(image[0]).save(tmp_path / "init.png")
-    ramp = (np.add.outer(np.arange(20), 2 * np.arange(24)) * 700).astype(np.uint16)
+    ramp = (np.add.outer(np.arange(24), 2 * np.arange(20)) * 700).astype(np.uint16)  # as the map above
     Image.fromarray(ramp).save(tmp_path / "depth.png")
     noise = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(4)).numpy()
     np.save(tmp_path / "latents.npy", noise)
