@@ -50,7 +50,8 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
            key: Optional[jax.Array] = None, cond: Any = None, *, guidance: Optional[Guidance] = None,
            scale_x_T: bool = True, return_trajectory: bool = False,
            num_steps: Optional[int] = None,
-           after_step: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
+           after_step: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
+           start_index=None):
     """Run the reverse process from x_T and return x_0 (same shape and dtype as x_T).
 
     denoise: `denoise(x, t, cond) -> model_output`; it receives
@@ -74,6 +75,9 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
     after_step: optional `after_step(x_prev, i) -> x_prev` run on the scheduler's output of loop
         step i (int32, 0-based; traced): inpainting with a 4-channel UNet blends the known
         region back in here.
+    start_index: optional traced int: loop steps before it leave x and the state as they are
+        (`lax.cond`, the network is not run): img2img with a traced strength, see
+        `strength_start`.
     """
     scheduler.check_state(state)
     x = x_T
@@ -87,6 +91,13 @@ def sample(denoise: Denoiser, scheduler: Scheduler, state: SchedulerState, x_T: 
     keys = None if key is None else jax.random.split(key, n)
 
     def body(carry, inputs):
+        if start_index is None:
+            return step(carry, inputs)
+        ys_shape = jax.eval_shape(step, carry, inputs)[1]
+        skip = lambda c, _: (c, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ys_shape))  # noqa: E731
+        return jax.lax.cond(inputs[2] >= start_index, step, skip, carry, inputs)
+
+    def step(carry, inputs):
         x, st = carry
         t, k, i = inputs
         k_guide = k_step = None
@@ -134,6 +145,22 @@ def img2img_start(scheduler: Scheduler, state: SchedulerState, x0: jax.Array, no
     `scale_x_T=False`."""
     t_start = state.loop_timesteps[0]
     return scheduler.add_noise(state, x0, noise, jnp.broadcast_to(t_start, x0.shape[:1]))
+
+
+def strength_start(scheduler: Scheduler, state: SchedulerState, init_steps, x0: jax.Array,
+                   noise: jax.Array):
+    """img2img with a traced strength: `init_steps` = min(int(n · strength), n) (traced int; the
+    host computes it from a Python strength exactly as diffusers does). For a state from
+    `set_timesteps(state, n)` (no strength) returns `(x_start, start_index, state)`: the image
+    latents x0 noised to the first timestep run, the loop index to pass to `sample(...,
+    start_index=, scale_x_T=False)`, and the state with its step counter where that step expects
+    it. The same images as `set_timesteps(..., strength=)` + `img2img_start`."""
+    n = state.num_inference_steps
+    begin = (n - jnp.minimum(jnp.asarray(init_steps, jnp.int32), n)) * scheduler.order
+    state = state.replace(step_index=jnp.asarray(scheduler._first_step_index(begin), jnp.int32))
+    t_start = state.timesteps[jnp.minimum(begin, state.timesteps.shape[0] - 1)]
+    x_start = scheduler.add_noise(state, x0, noise, jnp.broadcast_to(t_start, x0.shape[:1]))
+    return x_start, begin, state
 
 
 def rescale_noise_cfg(noise_cfg: jax.Array, noise_pred_text: jax.Array, guidance_rescale):

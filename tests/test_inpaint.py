@@ -106,24 +106,23 @@ def test_inpainting_matches_diffusers(folders, pipelines, name, strength):
                                         generator=torch.Generator().manual_seed(7)).images
     images, masks = np.repeat(image, 2, 0), np.repeat(mask, 2, 0)
     masked = images * (masks < 0.5) + 0.5 * (masks >= 0.5)
-    if name == "nine" and strength == 1.0:  # draws: noise, masked image
-        noise, e_masked = replay(7, 2)
-        image_latents = None
+    if name == "nine" and strength == 1.0:  # draws: noise, masked image (the image's latents are unused)
+        noise, e_masked, e_image = replay(7, 3)
     else:  # draws: image, noise, masked image
         e_image, noise, e_masked = replay(7, 3)
-        image_latents = posterior_latents(pipe, params, images, e_image)
+    image_latents = posterior_latents(pipe, params, images, e_image)
     masked_latents = posterior_latents(pipe, params, masked, e_masked) if name == "nine" else None
     ids, neg = sd.tokenize_prompts(pipe, PROMPTS, NEGATIVE)
-    config = sd.GenerateConfig(num_inference_steps=steps, height=SIZE, width=SIZE, strength=strength)
+    config = sd.GenerateConfig(num_inference_steps=steps, height=SIZE, width=SIZE)
     got = inpaint.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, image=images, mask=masks,
-                           config=config, latents=nhwc(noise), image_latents=image_latents,
+                           strength=strength, config=config, latents=nhwc(noise), image_latents=image_latents,
                            masked_image_latents=masked_latents)
     assert got.shape == (2, SIZE, SIZE, 3)
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
 @pytest.mark.extended
-def test_pmap_on_8_devices_equals_sequential_calls_and_guidance_is_traced(pipelines):
+def test_pmap_on_8_devices_equals_sequential_calls_and_guidance_and_strength_are_traced(pipelines):
     pipe, params = pipelines["nine"]
     _, _, image, mask = make_inputs(1)
     prompts = [f"prompt {i}" for i in range(8)]
@@ -138,10 +137,14 @@ def test_pmap_on_8_devices_equals_sequential_calls_and_guidance_is_traced(pipeli
                                 mask=masks[:1], config=config)
         np.testing.assert_allclose(got[d:d + 1], want, atol=1e-6)
     before = inpaint._generate_jit._cache_size()
-    other = inpaint.generate(pipe, params, ids[:1], neg[:1], keys[0], 3.0, image=images[:1], mask=masks[:1],
-                             config=config)
+    for guidance, strength in ((3.0, 1.0), (7.5, 0.5)):
+        other = inpaint.generate(pipe, params, ids[:1], neg[:1], keys[0], guidance, image=images[:1],
+                                 mask=masks[:1], strength=strength, config=config)
+        assert np.abs(np.asarray(other) - np.asarray(got[:1])).max() > 1e-3
     assert inpaint._generate_jit._cache_size() == before
-    assert np.abs(np.asarray(other) - np.asarray(got[:1])).max() > 1e-3
+    with pytest.raises(JaxdiffError, match="leaves no denoising step"):
+        inpaint.generate(pipe, params, ids[:1], neg[:1], keys[0], image=images[:1], mask=masks[:1],
+                         strength=0.2, config=config)
 
 
 def test_the_mask_is_binarised_and_downsampled_as_diffusers_does():
@@ -253,5 +256,5 @@ def test_the_program_inpaints_as_generate_does(folders, pipelines, tmp_path):
     pipe, params = pipelines["nine"]
     ids, neg = sd.tokenize_prompts(pipe, [PROMPTS[0]], "")
     want = inpaint.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, image=image, mask=mask,
-                            config=sd.GenerateConfig(3, SIZE, SIZE, strength=1.0), latents=nhwc(latents))
+                            config=sd.GenerateConfig(3, SIZE, SIZE), latents=nhwc(latents))
     assert np.abs(written.astype(int) - np.round(np.asarray(want[0]) * 255)).max() <= 1

@@ -13,14 +13,16 @@ as diffusers' mask processor does. Two kinds of UNet:
 - 4 input channels (any text-to-image folder): after each step the known region is replaced by
   the image's latents noised to the next timestep (clean after the last step), diffusers' blend.
 
-`config.strength` (default 1.0, diffusers' default): below 1 the loop runs the last
-`int(n · strength)` steps from the image's latents noised to the first of them (as img2img);
-at 1 it starts from pure noise. `latents` is that unit noise (B, h, w, 4) in both cases (for
-strength < 1 diffusers' own `latents=` argument ignores the image; its generator path is what
-this matches). Prompts, keys, guidance scale, images and masks are traced; the config is static.
+`strength` (default 1.0, diffusers' default; traced): below 1 the loop runs the last
+`int(n · strength)` steps from the image's latents noised to the first of them (as img2img; the
+earlier steps are skipped by `lax.cond`); at 1 it starts from pure noise. `latents` is that unit
+noise (B, h, w, 4) in both cases (for strength < 1 diffusers' own `latents=` argument ignores the
+image; its generator path is what this matches). Prompts, keys, guidance scale, strength, images
+and masks are traced; the config (steps, size) is static.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -32,7 +34,7 @@ from jaxdiff import parallel
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.pipelines import registry
 from jaxdiff.pipelines import stable_diffusion as sd
-from jaxdiff.sampling import cfg, img2img_start, sample
+from jaxdiff.sampling import cfg, sample, strength_start
 
 UNET_CHANNELS = (4, 9)
 
@@ -60,7 +62,8 @@ def prepare_mask(mask: jax.Array, factor: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict, prompt_ids, negative_ids,
-              key, guidance_scale, image, mask, latents=None, image_latents=None, masked_image_latents=None):
+              key, guidance_scale, strength, init_steps, image, mask, latents=None, image_latents=None,
+              masked_image_latents=None):
     batch = prompt_ids.shape[0]
     shape = config.latent_shape(pipe, batch)
     h, w = config.size(pipe)
@@ -68,7 +71,6 @@ def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict,
         if tuple(arr.shape) != (batch, h, w, channels):
             raise JaxdiffError(f"inpaint {name} of shape {tuple(arr.shape)}; this generation needs "
                                f"NHWC {(batch, h, w, channels)}")
-    strength = 1.0 if config.strength is None else float(config.strength)
     nine = pipe.unet.config.in_channels != pipe.latent_channels
     k_noise, k_image, k_masked, k_sample = jax.random.split(key, 4)
 
@@ -81,18 +83,16 @@ def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict,
         raise JaxdiffError(f"latents of shape {tuple(noise.shape)} do not fit this generation: expected NHWC {shape}")
     image = jnp.asarray(image, jnp.float32)
     mask_full, mask_latent = prepare_mask(jnp.asarray(mask, jnp.float32), pipe.vae_scale_factor)
-    if image_latents is None and (not nine or strength < 1.0):
+    if image_latents is None:
         image_latents = sd.encode_images(pipe, params, image, k_image)
+    image_latents = image_latents.astype(jnp.float32)
 
     sched = pipe.scheduler
     with jax.ensure_compile_time_eval():
-        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps,
-                                    strength=None if strength == 1.0 else strength)
-    timesteps = state.loop_timesteps
-    if strength < 1.0:
-        x_T, scale_x_T = img2img_start(sched, state, image_latents.astype(jnp.float32), noise), False
-    else:
-        x_T, scale_x_T = noise, True
+        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps)
+    timesteps = state.timesteps
+    x_img, begin, state = strength_start(sched, state, init_steps, image_latents, noise)
+    x_T = jnp.where(strength >= 1.0, noise * sched.init_noise_sigma(state), x_img)
 
     unet_params = params["unet"]
     after_step = None
@@ -121,7 +121,8 @@ def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict,
         conds = (cond, uncond)
 
     guided = cfg(denoise, jnp.asarray(guidance_scale, jnp.float32))
-    out = sample(guided, sched, state, x_T, k_sample, conds, scale_x_T=scale_x_T, after_step=after_step)
+    out = sample(guided, sched, state, x_T, k_sample, conds, scale_x_T=False, after_step=after_step,
+                 start_index=begin)
     if config.output == "latents":
         return out
     return sd.decode_latents(pipe, params, out)
@@ -129,32 +130,54 @@ def _generate(pipe: sd.StableDiffusion, config: sd.GenerateConfig, params: dict,
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
-                          in_axes=(None, None, 0, 0, 0, 0, None, 0, 0, 0, 0, 0))
+                          in_axes=(None, None, 0, 0, 0, 0, None, None, None, 0, 0, 0, 0, 0))
+
+
+def _strength(config: sd.GenerateConfig, strength) -> tuple[sd.GenerateConfig, jax.Array, jax.Array]:
+    """(config without strength, strength, init_steps = min(int(n · strength), n)) — exact on the
+    host for a Python strength, as diffusers; in float32 (+1e-4) for a traced one."""
+    if strength is None:
+        strength = 1.0 if config.strength is None else config.strength
+    n = config.num_inference_steps
+    if isinstance(strength, (int, float, np.floating, np.integer)):
+        if not 0.0 < float(strength) <= 1.0:
+            raise JaxdiffError(f"strength must be in (0, 1], got {strength}")
+        init = min(int(n * float(strength)), n)
+        if init < 1:
+            raise JaxdiffError(f"strength={strength} with {n} steps leaves no denoising step; raise strength "
+                               "or the number of steps")
+    else:
+        init = jnp.minimum(jnp.floor(n * jnp.asarray(strength, jnp.float32) + 1e-4), n)
+    return (dataclasses.replace(config, strength=None), jnp.asarray(strength, jnp.float32),
+            jnp.asarray(init, jnp.int32))
 
 
 def generate(pipe: sd.StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,
-             image, mask, config: sd.GenerateConfig = sd.GenerateConfig(), latents=None, image_latents=None,
-             masked_image_latents=None) -> jax.Array:
+             image, mask, strength=None, config: sd.GenerateConfig = sd.GenerateConfig(), latents=None,
+             image_latents=None, masked_image_latents=None) -> jax.Array:
     """Inpaint `image` where `mask` is white, in one compiled program.
 
     prompt_ids, negative_ids: (B, 77) int32 (`stable_diffusion.tokenize_prompts`).
     image: (B, H, W, 3) in [0, 1]; mask: (B, H, W, 1) in [0, 1] (≥ 0.5 = repaint); H, W =
         config's size (default: the UNet's).
     key: PRNG key (noise, the VAE posterior samples). guidance_scale: traced.
+    strength: in (0, 1], traced (default `config.strength`, else 1.0).
     latents: the unit noise (B, h, w, 4), default drawn from `key`. image_latents,
         masked_image_latents: already-encoded (scaled) latents of the image / of the masked image,
         default: encoded here (posterior samples).
     Returns (B, H, W, 3) float32 in [0, 1] (or latents, `config.output`).
     """
+    config, strength, init_steps = _strength(config, strength)
     return _generate_jit(pipe, config, params, jnp.asarray(prompt_ids, jnp.int32),
                          jnp.asarray(negative_ids, jnp.int32), key, jnp.asarray(guidance_scale, jnp.float32),
-                         jnp.asarray(image, jnp.float32), jnp.asarray(mask, jnp.float32), latents,
+                         strength, init_steps, jnp.asarray(image, jnp.float32), jnp.asarray(mask, jnp.float32), latents,
                          image_latents, masked_image_latents)
 
 
 def generate_parallel(pipe: sd.StableDiffusion, replicated_params: dict, prompt_ids, negative_ids, keys,
-                      guidance_scale=7.5, *, image, mask, config: sd.GenerateConfig = sd.GenerateConfig(),
-                      latents=None, image_latents=None, masked_image_latents=None) -> jax.Array:
+                      guidance_scale=7.5, *, image, mask, strength=None,
+                      config: sd.GenerateConfig = sd.GenerateConfig(), latents=None, image_latents=None,
+                      masked_image_latents=None) -> jax.Array:
     """`generate` on every local device (`pmap`): rows d·b … d·b+b−1 of every batched input go to
     device d with `keys[d]` (as `stable_diffusion.generate_parallel`)."""
     n = parallel.device_count()
@@ -167,9 +190,10 @@ def generate_parallel(pipe: sd.StableDiffusion, replicated_params: dict, prompt_
     def split(x, dtype=jnp.float32):
         return None if x is None else jnp.asarray(x, dtype).reshape((n, -1) + tuple(np.shape(x)[1:]))
 
+    config, strength, init_steps = _strength(config, strength)
     out = _generate_pmap(pipe, config, replicated_params, split(prompt_ids, jnp.int32),
                          split(negative_ids, jnp.int32), keys, jnp.asarray(guidance_scale, jnp.float32),
-                         split(image), split(mask), split(latents), split(image_latents),
+                         strength, init_steps, split(image), split(mask), split(latents), split(image_latents),
                          split(masked_image_latents))
     return out.reshape((-1,) + out.shape[2:])
 
@@ -314,7 +338,7 @@ def run_request(pipe: sd.StableDiffusion, params: dict, request: registry.Reques
         latents = sd.load_latents(r.latents)
         num_images = num_images or latents.shape[0]
     num_images = num_images or 1
-    config = sd.GenerateConfig(r.steps, image.shape[1], image.shape[2], strength=r.strength)
+    config = sd.GenerateConfig(r.steps, image.shape[1], image.shape[2])
     if latents is not None:
         sd.check_latents(latents, config.latent_shape(pipe, num_images), r.latents)
     images, masks = np.repeat(image, num_images, 0), np.repeat(mask, num_images, 0)
@@ -326,10 +350,11 @@ def run_request(pipe: sd.StableDiffusion, params: dict, request: registry.Reques
     t0 = time.perf_counter()
     if use_pmap:
         out = generate_parallel(pipe, sd.replicate_params(params), ids, neg, jax.random.split(key, n_dev),
-                                r.guidance_scale, image=images, mask=masks, config=config, latents=latents)
+                                r.guidance_scale, image=images, mask=masks, strength=r.strength, config=config,
+                                latents=latents)
     else:
         out = generate(pipe, params, ids, neg, key, r.guidance_scale, image=images, mask=masks,
-                       config=config, latents=latents)
+                       strength=r.strength, config=config, latents=latents)
     out = np.asarray(out)
     report.setdefault("times", {})["compile+generate"] = time.perf_counter() - t0
     if overlay is not None:  # diffusers pastes the uint8 result into the original image
