@@ -296,9 +296,9 @@ def build_tiny_dpt(folder: Path | None = None, batch_norm: bool = True):
         image_size=DPT_SIZE, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
         neck_hidden_sizes=[16, 32, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
         backbone_featmap_shape=[1, 64, 4, 4], use_batch_norm_in_fusion_residual=batch_norm,
-        backbone_config=dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 2],
-                             hidden_sizes=[16, 32, 64], embedding_size=8, num_groups=2,
-                             out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True))
+        backbone_config={"global_padding": "same", "layer_type": "bottleneck", "depths": [1, 1, 2],
+                         "hidden_sizes": [16, 32, 64], "embedding_size": 8, "num_groups": 2,
+                         "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True})
     model = perturb(DPTForDepthEstimation(config).eval(), 0.05)
     with torch.no_grad():
         for name, buf in model.named_buffers():
