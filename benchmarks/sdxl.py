@@ -151,8 +151,8 @@ def memory(args) -> None:
 # --------------------------------------------------------------------------------------------
 
 def write_synthetic_pipeline(folder: Path) -> None:
-    """An SDXL base folder with random weights (on the GPU, bf16 → saved fp16-free as bf16 would
-    not load in every tool: saved as float16) and a byte-level stand-in tokenizer."""
+    """An SDXL base folder with random weights (made on the GPU, saved in float16) and a
+    byte-level stand-in tokenizer (the real vocabulary cannot be downloaded there)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -173,7 +173,9 @@ def write_synthetic_pipeline(folder: Path) -> None:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SDXL_UNET).half()
         vae = AutoencoderKL(**SDXL_VAE).half()
-        te1 = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)).half()
+        # the stand-in tokenizer's start and end tokens are 512 and 513
+        te1 = CLIPTextModel(CLIPTextConfig(**{**SDXL_TEXT_ENCODER, "bos_token_id": 512,
+                                              "eos_token_id": 513})).half()
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2)).half()
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!")
@@ -185,9 +187,11 @@ def write_synthetic_pipeline(folder: Path) -> None:
 
 def _write_byte_tokenizer(folder: Path) -> None:
     """A CLIP BPE vocabulary of single bytes (no merges): enough to run the pipelines offline."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
+    # GPT-2's byte → printable-character table (what CLIP's byte-level BPE starts from)
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
