@@ -10,6 +10,7 @@ on [0, 1] (the issue's bar).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -423,3 +424,32 @@ def test_sample_program_runs_base_and_refiner(sdxl_folders, jax_sdxl, tmp_path, 
                          config=sdxl.XLGenerateConfig(5, 16, 16, denoising_start=0.7))
     got = np.asarray(Image.open(paths[0]), np.float32) / 255
     np.testing.assert_allclose(got, np.asarray(want[0]), atol=1 / 255 + 1e-6)
+
+
+def test_prompt_rules_follow_diffusers(fixtures_dir):
+    """prompt_2 defaults to prompt, negative_prompt_2 to negative_prompt; no negative prompt with
+    force_zeros_for_empty_prompt zeroes the unconditional branch (negative_scale 0), an explicit
+    "" does not; a refiner has no first tokenizer; over-long prompts are cut with a warning."""
+    from jaxdiff.pipelines import sdxl
+    from jaxdiff.tokenizer import PromptTruncatedWarning, load_tokenizer
+
+    tok = load_tokenizer(fixtures_dir / "tiny-sd-pt-v1")
+    te2 = clip_lib.CLIPTextModelWithProjection(clip_lib.CLIPTextConfig(vocab_size=523, hidden_size=32))
+    pipe = sdxl.StableDiffusionXL(None, None, te2, te2, tok, tok, None)
+    p = sdxl.tokenize_prompts(pipe, ["a cat", "a dog"])
+    assert p.ids.shape == p.ids_2.shape == (2, 77) and float(p.negative_scale) == 0.0
+    np.testing.assert_array_equal(p.ids, p.ids_2)
+    p = sdxl.tokenize_prompts(pipe, ["a cat", "a dog"], "", prompts_2="a painting")
+    assert float(p.negative_scale) == 1.0 and not np.array_equal(p.ids, p.ids_2)
+    np.testing.assert_array_equal(p.ids_2[0], p.ids_2[1])
+    assert float(sdxl.tokenize_prompts(dataclasses.replace(pipe, force_zeros_for_empty_prompt=False),
+                                       "a cat").negative_scale) == 1.0
+    refiner = dataclasses.replace(pipe, text_encoder=None, tokenizer=None, requires_aesthetics_score=True)
+    r = sdxl.tokenize_prompts(refiner, "a cat", "blurry")
+    assert r.ids is None and r.negative_ids is None and r.ids_2.shape == (1, 77)
+    assert sdxl.micro_conditioning(refiner, 16, 16, aesthetic_score=7.0).time_ids.tolist() == [16, 16, 0, 0, 7]
+    with pytest.warns(PromptTruncatedWarning):
+        long = sdxl.tokenize_prompts(pipe, "a cat " * 60)
+    assert long.ids[0, -1] == 522 and long.ids_2[0, -1] == 522
+    with pytest.raises(JaxdiffError, match="2 negative prompts for 1 prompts"):
+        sdxl.tokenize_prompts(pipe, "a cat", ["x", "y"])
