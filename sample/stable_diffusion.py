@@ -103,6 +103,9 @@ def _check(args) -> None:
     in_range(args, 0.0, 1.0, "strength", include_high=True)
     in_range(args, 0.0, 1.0, "guidance_rescale", include_high=True)
     in_range(args, 0.0, 1.0, "high_noise_frac")
+    if args.high_noise_frac is not None and not args.refiner_dir:
+        raise JaxdiffError("--high-noise-frac splits the schedule between the SDXL base and a refiner: "
+                           "pass --refiner-dir too")
     for flag, path in (("--model-dir", args.model_dir), ("--latents", args.latents),
                        ("--init-image", args.init_image), ("--mask-image", args.mask_image),
                        ("--depth-map", args.depth_map), ("--refiner-dir", args.refiner_dir)):

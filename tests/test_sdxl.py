@@ -386,12 +386,14 @@ def test_prompts_guidance_sizes_and_aesthetic_scores_do_not_recompile(jax_sdxl):
 
 
 def test_refiner_flags_are_refused_clearly(fixtures_dir, tmp_path, capsys):
-    """--refiner-dir belongs to SDXL folders; --high-noise-frac must be in (0, 1): one error line."""
+    """--refiner-dir belongs to SDXL folders; --high-noise-frac must be in (0, 1) and needs
+    --refiner-dir: one error line each, before anything is loaded."""
     from sample.stable_diffusion import main
 
     base = ["--model-dir", str(fixtures_dir / "tiny-sd-pt-v1"), "--prompt", "a cat", "--out", str(tmp_path / "o")]
     for extra, message in [(["--refiner-dir", str(tmp_path)], "takes no --refiner-dir; --refiner-dir is for sdxl"),
-                           (["--high-noise-frac", "1.5"], "--high-noise-frac must be in [0, 1)")]:
+                           (["--high-noise-frac", "1.5"], "--high-noise-frac must be in [0, 1)"),
+                           (["--high-noise-frac", "0.7"], "pass --refiner-dir too")]:
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         err = capsys.readouterr().err.strip().splitlines()
