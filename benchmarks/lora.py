@@ -10,7 +10,9 @@
    compiled for the CPU with `jax.jit(train_step, donate_argnums=0).lower(...).compile()` and read
    with `memory_analysis()` (arguments + outputs + temporaries − donated aliases), for full
    fine-tuning (AdamW on every UNet parameter) and for LoRA rank `--rank` on to_q/to_k/to_v/to_out.0
-   (AdamW on the adapters; the base params frozen). Nothing is allocated: only shapes are
+   (AdamW on the adapters; the base params frozen in bf16). Full fine-tuning is compiled twice:
+   with params and AdamW state in bf16, and with float32 master params and AdamW state (what
+   train.text_to_image --mixed-precision bf16 does). Nothing is allocated: only shapes are
    compiled. The issue's bar: LoRA ≤ 0.5× full fine-tuning.
 """
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _memory(compiled) -> int:
                - m.alias_size_in_bytes)
 
 
-def bench_memory(rank: int, resolution: int) -> None:
+def bench_memory(rank: int, resolution: int, runs=("full-bf16", "full-fp32", "lora")) -> None:
     import optax
 
     from jaxdiff.adapters.training import DEFAULT_TARGETS, init_lora, lora_loss
@@ -105,7 +107,6 @@ def bench_memory(rank: int, resolution: int) -> None:
     from jaxdiff.training.text_to_image import LossConfig, text_to_image_loss
 
     pipe = sd15_pipeline(jnp.bfloat16)
-    shapes = param_shapes(pipe.unet, jnp.bfloat16)
     sched = create_scheduler(CONFIGS / "sd-v1" / "scheduler", name="ddpm")
     unet_loss = text_to_image_loss(pipe, sched, LossConfig(), axis_name=None)
     h = resolution // 8
@@ -113,27 +114,37 @@ def bench_memory(rank: int, resolution: int) -> None:
              "context": jax.ShapeDtypeStruct((1, 77, 768), jnp.bfloat16)}
     tx = optax.adamw(1e-4)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-
-    full_state = jax.eval_shape(lambda p, r: create_train_state(p, tx, r), shapes, rng)
-    full_step = jax.jit(make_train_step(unet_loss, tx, axis_name=None), donate_argnums=0)
-    t0 = time.perf_counter()
-    full = _memory(full_step.lower(full_state, batch).compile())
-    t_full = time.perf_counter() - t0
-
-    lora_shapes = jax.eval_shape(lambda k: init_lora(shapes, rank, DEFAULT_TARGETS, k), jax.random.key(0))
-    lora_state = jax.eval_shape(lambda p, r: create_train_state(p, tx, r), lora_shapes, rng)
-    lora_step = jax.jit(make_train_step(lora_loss(unet_loss, 1.0), tx, axis_name=None), donate_argnums=0)
-    t0 = time.perf_counter()
-    lora = _memory(lora_step.lower(lora_state, {**batch, "encoders": {"unet": shapes}}).compile())
-    t_lora = time.perf_counter() - t0
-    n_lora = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(lora_shapes))
     gib = 2 ** 30
-    print(f"memory: SD 1.5-shaped UNet training step, {resolution}² (latents {h}×{h}), batch 1, bf16, "
-          f"AdamW (compiled for {jax.devices()[0].platform}, memory_analysis)")
-    print(f"  full fine-tuning: {full / gib:.2f} GiB (compile {t_full:.0f} s)")
-    print(f"  LoRA rank {rank} ({n_lora / 1e6:.2f}M trainable params on {', '.join(DEFAULT_TARGETS)}): "
-          f"{lora / gib:.2f} GiB (compile {t_lora:.0f} s)")
-    print(f"  ratio LoRA / full: {lora / full:.2f} (bar: <= 0.5)")
+    print(f"memory: SD 1.5-shaped UNet training step, {resolution}² (latents {h}×{h}), batch 1, bf16 compute, "
+          f"AdamW (compiled for {jax.devices()[0].platform}, memory_analysis: arguments + outputs + "
+          "temporaries - donated)", flush=True)
+    results = {}
+    for run in runs:
+        t0 = time.perf_counter()
+        if run.startswith("full"):
+            pdt = jnp.bfloat16 if run == "full-bf16" else jnp.float32
+            shapes = param_shapes(pipe.unet, pdt)
+            state = jax.eval_shape(lambda p, r: create_train_state(p, tx, r), shapes, rng)
+            step = jax.jit(make_train_step(unet_loss, tx, axis_name=None), donate_argnums=0)
+            results[run] = _memory(step.lower(state, batch).compile())
+            what = ("full fine-tuning, params and AdamW state in bf16" if run == "full-bf16" else
+                    "full fine-tuning, float32 master params and AdamW state (train.text_to_image "
+                    "--mixed-precision bf16)")
+        else:
+            shapes = param_shapes(pipe.unet, jnp.bfloat16)
+            lora = jax.eval_shape(lambda k, s=shapes: init_lora(s, rank, DEFAULT_TARGETS, k), jax.random.key(0))
+            state = jax.eval_shape(lambda p, r: create_train_state(p, tx, r), lora, rng)
+            step = jax.jit(make_train_step(lora_loss(unet_loss, 1.0), tx, axis_name=None), donate_argnums=0)
+            results[run] = _memory(step.lower(state, {**batch, "encoders": {"unet": shapes}}).compile())
+            n_lora = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(lora))
+            what = (f"LoRA rank {rank} ({n_lora / 1e6:.2f}M float32 trainable params on "
+                    f"{', '.join(DEFAULT_TARGETS)}), frozen base in bf16")
+        print(f"  {run}: {results[run] / gib:.2f} GiB — {what} (compile {time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    if "lora" in results:
+        for run in ("full-bf16", "full-fp32"):
+            if run in results:
+                print(f"  ratio lora / {run}: {results['lora'] / results[run]:.2f} (bar: <= 0.5)")
 
 
 def main(argv=None) -> None:
@@ -142,11 +153,13 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--skip-fuse", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-runs", default="full-bf16,full-fp32,lora",
+                   help="which training steps to compile (comma-separated; each takes minutes on a CPU)")
     args = p.parse_args(argv)
     if not args.skip_fuse:
         bench_fuse(args.rank)
     if not args.skip_memory:
-        bench_memory(args.rank, args.resolution)
+        bench_memory(args.rank, args.resolution, tuple(args.memory_runs.split(",")))
 
 
 if __name__ == "__main__":

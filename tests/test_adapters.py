@@ -304,3 +304,71 @@ def test_sample_program_fuses_lora_flags(sd, kohya, tmp_path):
     want = sdp.generate(pipe, fused, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(latents))
     got = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
     np.testing.assert_allclose(got, np.asarray(want), atol=1 / 255 + 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training adapters (jaxdiff.adapters.training)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_lora(sd, cache, tmp_path_factory):
+    """Rank-4 LoRA (alpha 8) on the attention projections and a resnet conv, 40 AdamW steps on
+    one cached batch; (losses, lora, PEFT file, kohya file)."""
+    import optax
+    from helpers import cached_batch
+
+    from jaxdiff.adapters import training as T
+    from jaxdiff.schedulers import create_scheduler
+    from jaxdiff.training.state import create_train_state, make_train_step
+    from jaxdiff.training.text_to_image import LossConfig, text_to_image_loss
+
+    pipe, params = sd
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv2")
+    lora = T.init_lora(params["unet"], 4, targets, jax.random.key(0))
+    sched = create_scheduler(pipe.folder / "scheduler", name="ddpm")
+    loss = T.lora_loss(text_to_image_loss(pipe, sched, LossConfig(), axis_name=None), 8 / 4)
+    tx = optax.adam(3e-3)
+    step = jax.jit(make_train_step(loss, tx, axis_name=None))
+    state = create_train_state(lora, tx, jax.random.PRNGKey(0))
+    batch = {**cached_batch(cache, np.arange(8)), "encoders": {"unet": params["unet"]}}
+    losses = []
+    for _ in range(40):
+        state = state.replace(step=jnp.zeros((), jnp.int32))  # the same noise every step: a fixed target
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    folder = tmp_path_factory.mktemp("trained")
+    T.save_peft(folder / "pytorch_lora_weights.safetensors", state.params, params["unet"], rank=4, alpha=8,
+                targets=targets)
+    T.save_kohya(folder / "kohya.safetensors", state.params, params["unet"], alpha=8)
+    return losses, state.params, folder / "pytorch_lora_weights.safetensors", folder / "kohya.safetensors"
+
+
+@pytest.mark.extended
+def test_lora_training_updates_only_the_adapters_and_the_loss_decreases(sd, trained_lora):
+    from jaxdiff.adapters import training as T
+
+    _, params = sd
+    losses, lora, peft_file, kohya_file = trained_lora
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert all(p.endswith("kernel") for p in lora) and len(lora) == 4 * 2 * 4 + 8  # 4 blocks × 2 attn, 8 resnets
+    merged = T.apply_lora(params["unet"], lora, 2.0)
+    for comp_file in (peft_file, kohya_file):  # both exports read back to the trained update
+        fused = A.fuse(params, A.load_lora(comp_file, params), 1.0)[0]["unet"]
+        for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(merged)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.extended
+def test_trained_lora_loads_in_diffusers_with_the_same_image(sd, trained_lora):
+    from jaxdiff.adapters import training as T
+    from jaxdiff.pipelines import stable_diffusion as sdp
+
+    pipe, params = sd
+    _, lora, peft_file, _ = trained_lora
+    ref = _reference({"trained": peft_file}, ["trained"])
+    want = _torch_images(ref, _latents(3))
+    ids, neg = sdp.tokenize_prompts(pipe, PROMPTS, NEGATIVE)
+    config = sdp.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    trained = {**params, "unet": T.apply_lora(params["unet"], lora, 2.0)}
+    got = sdp.generate(pipe, trained, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(_latents(3)))
+    np.testing.assert_allclose(got, want, atol=ATOL)
