@@ -47,7 +47,15 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = program_parser("python -m sample.stable_diffusion", __doc__)
-    p.add_argument("--model-dir", required=True, help="diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--model-dir", default=None, help="diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--model-file", default=None,
+                   help="instead of --model-dir: one original-layout SD 1.x/2.x .safetensors checkpoint")
+    p.add_argument("--config-dir", default=None,
+                   help="--model-file: a pipeline folder without weights whose configs and tokenizer describe "
+                        "the model (default: the shipped configs of the detected family)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="--model-file: the model's prediction type (SD 2.x default: v_prediction; epsilon "
+                        "= the 512 px 2.x-base)")
     p.add_argument("--pipeline", choices=registry.KINDS, default=None,
                    help="run the folder as this pipeline (default: its model_index.json _class_name)")
     p.add_argument("--prompt", required=True)
@@ -117,6 +125,19 @@ def _check(args) -> None:
             raise JaxdiffError(f"--{name} must be a positive multiple of 8, got {v}")
 
 
+def _check_model_source(args) -> None:
+    """Exactly one of --model-dir / --model-file; the single-file flags only with --model-file."""
+    if bool(args.model_dir) == bool(args.model_file):
+        raise JaxdiffError("pass --model-dir (a diffusers folder) or --model-file (one .safetensors "
+                           "checkpoint), exactly one of them")
+    if args.model_dir and (args.config_dir or args.prediction_type):
+        raise JaxdiffError("--config-dir and --prediction-type go with --model-file; a --model-dir folder "
+                           "carries its own configs")
+    for flag, path in (("--model-file", args.model_file), ("--config-dir", args.config_dir)):
+        if path and not Path(path).exists():
+            raise JaxdiffError(f"{flag} {path} does not exist")
+
+
 def request_of(args) -> registry.Request:
     """The flags as a pipeline request (jaxdiff.pipelines.registry)."""
     fields = {f.name for f in dataclasses.fields(registry.Request)}
@@ -126,11 +147,15 @@ def request_of(args) -> registry.Request:
 @cli_main
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
+    _check_model_source(args)
     _check(args)
-    class_name = registry.pipeline_class(args.model_dir)
+    class_name = registry.pipeline_class(args.model_dir) if args.model_dir else "StableDiffusionPipeline"
     spec = (registry.spec_for_kind(args.pipeline) if args.pipeline
             else registry.spec_for_class(class_name, args.model_dir))
-    request = registry.resolve(spec, request_of(args), args.model_dir, class_name)
+    if args.model_file and spec.kind != "text-to-image":
+        raise JaxdiffError(f"--model-file runs text-to-image / img2img only, not --pipeline {spec.kind}; "
+                           "convert the checkpoint to a diffusers folder for that pipeline")
+    request = registry.resolve(spec, request_of(args), args.model_dir or args.model_file, class_name)
     module = spec.load()
 
     import jax.numpy as jnp
@@ -142,9 +167,16 @@ def main(argv=None) -> list[Path]:
     bar = tqdm(total=3, desc="load", leave=False, bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     try:
         t0 = time.perf_counter()
-        pipe, params = module.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
-                                            variant=args.variant, scheduler=args.scheduler,
-                                            allow_outside_paths=args.allow_outside_paths)
+        if args.model_file:
+            from jaxdiff.single_file import load_single_file
+
+            pipe, params = load_single_file(args.model_file, config_dir=args.config_dir,
+                                            prediction_type=args.prediction_type, dtype=dtype,
+                                            vae_dtype=vae_dtype, scheduler=args.scheduler)
+        else:
+            pipe, params = module.load_pipeline(args.model_dir, dtype=dtype, vae_dtype=vae_dtype,
+                                                variant=args.variant, scheduler=args.scheduler,
+                                                allow_outside_paths=args.allow_outside_paths)
         if args.lora:
             from jaxdiff.adapters.pipeline import fuse_loras
 

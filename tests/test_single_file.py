@@ -284,3 +284,26 @@ def test_sd2_v_single_file_matches_from_single_file(fixtures_dir, tmp_path):
                              tmp_path / "sd2.safetensors", open_clip=True)
     pipe, _ = _compare(file, folder, "v_prediction")
     assert pipe.scheduler.prediction_type == "v_prediction" and pipe.unet.config.use_linear_projection
+
+
+@pytest.mark.extended
+def test_sample_program_reads_a_model_file(sd1_file, sd, tmp_path):
+    """`sample.stable_diffusion --model-file FILE --config-dir DIR` writes the images of the
+    folder the file was written from (PNG rounding: within one 8-bit level)."""
+    from PIL import Image
+
+    from jaxdiff.pipelines import stable_diffusion as sdp
+    from sample.stable_diffusion import main
+
+    folder, file = sd1_file
+    pipe, params = sd
+    latents = _latents(4)
+    np.save(tmp_path / "latents.npy", latents.numpy())
+    paths = main(["--model-file", str(file), "--config-dir", str(folder), "--prompt", PROMPTS[0],
+                  "--steps", str(STEPS), "--latents", str(tmp_path / "latents.npy"), "--dtype", "fp32",
+                  "--devices", "one", "--no-compile-cache", "--out", str(tmp_path / "out")])
+    ids, neg = sdp.tokenize_prompts(pipe, [PROMPTS[0]] * 2, "")
+    config = sdp.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    want = sdp.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(latents))
+    got = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
+    np.testing.assert_allclose(got, np.asarray(want), atol=1 / 255 + 1e-6)
