@@ -209,6 +209,7 @@ def load_lora(path: str | os.PathLike, templates: Mapping[str, Mapping], *,
         entry["keys"].append(key)
 
     indexes = {c: module_index(t) for c, t in templates.items()}
+    kohya_indexes = {c: {n.replace(".", "_"): pth for n, pth in idx.items()} for c, idx in indexes.items()}
     adapter: Adapter = {}
     for (comp, name), entry in groups.items():
         index = indexes.get(comp)
@@ -217,8 +218,7 @@ def load_lora(path: str | os.PathLike, templates: Mapping[str, Mapping], *,
             continue
         fmt = entry["fmt"]
         if fmt == "kohya":
-            lookup = {n.replace(".", "_"): pth for n, pth in index.items()}
-            target = lookup.get(name)
+            target = kohya_indexes[comp].get(name)
         else:
             target = index.get(name)
         if target is None or "down" not in entry or "up" not in entry:
