@@ -24,6 +24,7 @@ from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models.unet_2d_condition import (
     UNet2DConditionConfig,
+    UNet2DConditionModel,
     load_unet_2d_condition,
 )
 
@@ -455,3 +456,4 @@ def test_prompt_rules_follow_diffusers(fixtures_dir):
     assert long.ids[0, -1] == 522 and long.ids_2[0, -1] == 522
     with pytest.raises(JaxdiffError, match="2 negative prompts for 1 prompts"):
         sdxl.tokenize_prompts(pipe, "a cat", ["x", "y"])
+

@@ -370,11 +370,27 @@ def schedule(pipe: StableDiffusionXL, config: XLGenerateConfig):
     return state, n
 
 
-def _unet_denoiser(pipe: StableDiffusionXL, unet_params):
-    def denoise(x, t, cond):
-        return pipe.unet.apply({"params": unet_params}, x, t, cond["context"],
+def unet_apply_fn(unet: unet_lib.UNet2DConditionModel, train: bool = False):
+    """An SDXL UNet (`pipe.unet`) as `apply(unet_params, x, t, cond) -> model output`, cond the dict
+    `{"context": (B, 77, D1 + D2), "text_embeds": (B, P), "time_ids": (B, n)}` that
+    `conditioning` makes: the form sampling (`cfg`) and training (`losses.denoising_loss`) take."""
+    def apply(unet_params, x, t, cond):
+        return unet.apply({"params": unet_params}, x, t, cond["context"], train=train,
                                added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]})
-    return denoise
+    return apply
+
+
+def conditioning(pipe: StableDiffusionXL, params: dict, ids, ids_2, time_ids,
+                 clip_skip: int | None = None) -> dict:
+    """The UNet's conditioning dict for token ids of both tokenizers (`ids` None for a refiner)
+    and time ids (B, n): what a fine-tuning step (or a cache of it) feeds `unet_apply_fn`."""
+    context, pooled = encode_prompt(pipe, params, ids, ids_2, clip_skip)
+    return {"context": context, "text_embeds": pooled, "time_ids": jnp.asarray(time_ids, jnp.float32)}
+
+
+def _unet_denoiser(pipe: StableDiffusionXL, unet_params):
+    apply = unet_apply_fn(pipe.unet)
+    return lambda x, t, cond: apply(unet_params, x, t, cond)
 
 
 def _generate(pipe: StableDiffusionXL, config: XLGenerateConfig, params: dict, prompt: PromptIds,
@@ -570,6 +586,7 @@ __all__ = [
     "XLGenerateConfig",
     "compile_generate",
     "compiled_programs",
+    "conditioning",
     "encode_prompt",
     "generate",
     "load_pipeline",
@@ -579,4 +596,5 @@ __all__ = [
     "run_request",
     "schedule",
     "tokenize_prompts",
+    "unet_apply_fn",
 ]
