@@ -24,7 +24,6 @@ from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models.unet_2d_condition import (
     UNet2DConditionConfig,
-    UNet2DConditionModel,
     load_unet_2d_condition,
 )
 
