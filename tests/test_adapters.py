@@ -111,6 +111,26 @@ def test_kohya_keys_map_to_flax_kernels_and_fuse_to_the_hand_computed_update(sd,
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_kohya_names_in_the_original_unet_layout_map_like_diffusers_names(sd, kohya, tmp_path):
+    """kohya's SDXL-style module names (`input_blocks_1_0_out_layers_3`, `output_blocks_3_1_proj_out`,
+    `middle_block_1_…`) load to the same layers as the diffusers-named file."""
+    from safetensors.numpy import save_file
+
+    _, params = sd
+    ldm = {"down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": "input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+           "mid_block_attentions_0_transformer_blocks_0_ff_net_2": "middle_block_1_transformer_blocks_0_ff_net_2",
+           "down_blocks_0_resnets_0_conv2": "input_blocks_1_0_out_layers_3",
+           "up_blocks_1_attentions_0_proj_out": "output_blocks_2_1_proj_out"}
+    tensors = {}
+    for key, value in W.iter_safetensors(kohya[0]):
+        for new, old in ldm.items():
+            key = key.replace(f"lora_unet_{new}.", f"lora_unet_{old}.")
+        tensors[key] = value
+    save_file(tensors, str(tmp_path / "ldm.safetensors"))
+    a, b = A.load_lora(kohya[0], params), A.load_lora(tmp_path / "ldm.safetensors", params)
+    assert_trees_equal(a, b)
+
+
 def test_unfuse_restores_the_params_bit_for_bit(sd, kohya):
     _, params = sd
     adapter = A.load_lora(kohya[0], params)

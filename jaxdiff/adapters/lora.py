@@ -11,7 +11,8 @@ Two file formats are read (safetensors only; nothing is unpickled):
   as diffusers does.
 * kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` /
   ``alpha`` (``lora_te_``, ``lora_te1_``, ``lora_te2_`` for the text encoders), including conv
-  LoRA (LoCon) on 3×3 convs. Missing ``alpha`` means alpha = rank.
+  LoRA (LoCon) on 3×3 convs; UNet modules in diffusers names or in the original layout's
+  (``input_blocks_4_1_…``, as kohya's SDXL LoRAs name them). Missing ``alpha`` means alpha = rank.
 
 An adapter is a plain pytree ``{component: {"a/b/kernel": {"a", "b", "scale"}}}``: for a target
 kernel of Flax shape ``(..., in, out)`` (Dense ``(in, out)``, conv ``(kh, kw, in, out)``),
@@ -219,6 +220,8 @@ def load_lora(path: str | os.PathLike, templates: Mapping[str, Mapping], *,
         fmt = entry["fmt"]
         if fmt == "kohya":
             target = kohya_indexes[comp].get(name)
+            if target is None and comp == "unet":
+                target = kohya_indexes[comp].get(_ldm_to_diffusers_kohya(name, templates[comp]) or "")
         else:
             target = index.get(name)
         if target is None or "down" not in entry or "up" not in entry:
@@ -272,3 +275,38 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
             raise JaxdiffError(f"--lora {spec}: the scale {tail} is not a finite number")
         return head, scale
     return spec, 1.0
+
+
+_LDM_TOKENS = (("in_layers_", "in_layers."), ("out_layers_", "out_layers."), ("emb_layers_", "emb_layers."),
+               ("time_embed_", "time_embed."), ("label_emb_0_", "label_emb.0."))
+
+
+def _ldm_to_diffusers_kohya(name: str, unet_template: Mapping) -> str | None:
+    """A kohya module name in the original UNet layout (SDXL LoRAs: `input_blocks_4_1_transformer_
+    blocks_0_attn1_to_q`, `middle_block_0_in_layers_2`, `out_2`) → the diffusers name with '_'."""
+    from jaxdiff.single_file import ldm_unet_name
+
+    m = re.match(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$", name) or \
+        re.match(r"(middle_block)_(\d+)_(.+)$", name) or re.match(r"(time_embed|out|label_emb_0)_(\d+)$", name)
+    if m is None:
+        return None
+    if m.group(1) in ("time_embed", "out", "label_emb_0"):
+        dotted = f"{m.group(1).replace('_0', '.0')}.{m.group(2)}.weight"
+    else:
+        head = ".".join(m.groups()[:-1])
+        rest = m.groups()[-1]
+        for old, new in _LDM_TOKENS:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+        dotted = f"{head}.{rest}.weight"
+    lpb = _layers_per_block(unet_template)
+    converted = ldm_unet_name(dotted, lpb) if lpb else None
+    return converted[: -len(".weight")].replace(".", "_") if converted else None
+
+
+def _layers_per_block(unet_template: Mapping) -> int | None:
+    """ResNets per down block of a UNet param tree (what the original layout's numbering needs)."""
+    down0 = unet_template.get("down_blocks_0")
+    if not isinstance(down0, Mapping):
+        return None
+    return sum(1 for k in down0 if k.startswith("resnets_"))
