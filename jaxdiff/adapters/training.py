@@ -129,3 +129,35 @@ def save_kohya(path, lora: Mapping, unet_params: Mapping, *, alpha: float) -> No
         state[f"lora_unet_{module}.{part}.weight"] = value
         state[f"lora_unet_{module}.alpha"] = np.asarray(alpha, np.float32)
     W.save_safetensors(state, path, {"format": "pt", "ss_network_alpha": str(alpha)})
+
+
+# --------------------------------------------------------------------------------------------
+# The training program's LoRA mode (train.text_to_image --lora-rank R)
+# --------------------------------------------------------------------------------------------
+
+def add_lora_flags(parser) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets, --lora-kohya (train.text_to_image)."""
+    g = parser.add_argument_group("LoRA (train adapters only; the base UNet stays frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, help="train a rank-R LoRA instead of the whole UNet")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank; default: the rank)")
+    g.add_argument("--lora-targets", nargs="+", default=None,
+                   help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
+    g.add_argument("--lora-kohya", action="store_true", default=None,
+                   help="also write RUN/pytorch_lora_weights.kohya.safetensors (kohya/A1111 layout)")
+
+
+def lora_scale(rank: int, alpha: float | None) -> float:
+    return float(alpha if alpha is not None else rank) / rank
+
+
+def export_lora(run_dir, lora: Mapping, unet_params: Mapping, *, rank: int, alpha: float | None,
+                targets: Sequence[str], kohya: bool = False) -> str:
+    """RUN/pytorch_lora_weights.safetensors (PEFT layout; and the kohya copy when asked); returns its path."""
+    from pathlib import Path
+
+    alpha = float(alpha if alpha is not None else rank)
+    path = Path(run_dir) / "pytorch_lora_weights.safetensors"
+    save_peft(path, lora, unet_params, rank=rank, alpha=alpha, targets=targets)
+    if kohya:
+        save_kohya(Path(run_dir) / "pytorch_lora_weights.kohya.safetensors", lora, unet_params, alpha=alpha)
+    return str(path)
