@@ -183,6 +183,23 @@ def test_img2img_matches_diffusers(pipelines, references):
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
+def test_img2img_strength_is_traced(pipelines):
+    """Another strength reuses the img2img program (the earlier steps are skipped, not cut)."""
+    pipe, params = pipelines["sd1"]
+    image = np.random.default_rng(1).uniform(0, 1, size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    ids, neg = sd.tokenize_prompts(pipe, PROMPTS, NEGATIVE)
+    eps = nhwc(noise((2, 4, 16, 16), seed=2))  # as test_img2img_matches_diffusers: its program
+    config = sd.GenerateConfig(num_inference_steps=5, height=SIZE, width=SIZE, strength=0.6)
+    a = sd.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, config=config, init_image=image, latents=eps)
+    compiled = sd._generate_jit._cache_size()
+    b = sd.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, config=config, init_image=image, latents=eps,
+                    strength=0.9)
+    assert sd._generate_jit._cache_size() == compiled
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    with pytest.raises(JaxdiffError, match="leaves no denoising step"):
+        sd.generate(pipe, params, ids, neg, jax.random.key(0), config=config, init_image=image, strength=0.1)
+
+
 def test_flax_msgpack_and_pytorch_fixtures_give_the_same_images(pipelines, fixtures_dir):
     pipe_pt, params_pt = pipelines["sd1"]
     pipe_flax, params_flax = sd.load_pipeline(fixtures_dir / "tiny-sd-flax-v1", dtype=jnp.float32)

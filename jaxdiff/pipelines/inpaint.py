@@ -134,22 +134,11 @@ _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_arg
 
 
 def _strength(config: sd.GenerateConfig, strength) -> tuple[sd.GenerateConfig, jax.Array, jax.Array]:
-    """(config without strength, strength, init_steps = min(int(n · strength), n)) — exact on the
-    host for a Python strength, as diffusers; in float32 (+1e-4) for a traced one."""
+    """(config without strength, traced strength, traced `stable_diffusion.init_steps`)."""
     if strength is None:
         strength = 1.0 if config.strength is None else config.strength
-    n = config.num_inference_steps
-    if isinstance(strength, (int, float, np.floating, np.integer)):
-        if not 0.0 < float(strength) <= 1.0:
-            raise JaxdiffError(f"strength must be in (0, 1], got {strength}")
-        init = min(int(n * float(strength)), n)
-        if init < 1:
-            raise JaxdiffError(f"strength={strength} with {n} steps leaves no denoising step; raise strength "
-                               "or the number of steps")
-    else:
-        init = jnp.minimum(jnp.floor(n * jnp.asarray(strength, jnp.float32) + 1e-4), n)
-    return (dataclasses.replace(config, strength=None), jnp.asarray(strength, jnp.float32),
-            jnp.asarray(init, jnp.int32))
+    steps = sd.init_steps(config.num_inference_steps, strength)
+    return dataclasses.replace(config, strength=None), jnp.asarray(strength, jnp.float32), steps
 
 
 def generate(pipe: sd.StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,

@@ -40,7 +40,7 @@ from jaxdiff.models import autoencoder_kl as vae_lib
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models import unet_2d_condition as unet_lib
 from jaxdiff.pipelines import registry
-from jaxdiff.sampling import as_denoiser, cfg, img2img_start, sample
+from jaxdiff.sampling import as_denoiser, cfg, sample, strength_start
 from jaxdiff.schedulers import Scheduler, create_scheduler
 from jaxdiff.tokenizer import load_tokenizer, tokenize
 
@@ -276,7 +276,8 @@ class GenerateConfig:
 
     height, width: image size in pixels (multiples of the VAE's factor, 8); None = the UNet's
         default (512 for SD 1.5, 768 for SD 2.x-768).
-    strength: img2img only, in (0, 1]: the fraction of the schedule that is run.
+    strength: img2img only, in (0, 1]: the fraction of the schedule that is run. `generate`
+        passes its value traced (one program for every strength; `strength=` overrides it).
     use_guidance_rescale: apply `guidance_rescale` (Lin et al. 2023); the value itself is traced.
     output: "images" ((B, H, W, 3) float32 in [0, 1]) or "latents" ((B, h, w, C) float32).
     """
@@ -310,10 +311,36 @@ class GenerateConfig:
         return (batch, h // f, w // f, pipe.latent_channels)
 
 
+def init_steps(num_inference_steps: int, strength) -> jax.Array:
+    """diffusers' img2img `init_timestep = min(int(n · strength), n)` (the steps run) as an int32
+    array: exact on the host for a Python strength (a JaxdiffError when it leaves no step), in
+    float32 (+1e-4) for a traced one."""
+    n = num_inference_steps
+    if isinstance(strength, (int, float, np.floating, np.integer)):
+        if not 0.0 < float(strength) <= 1.0:
+            raise JaxdiffError(f"strength must be in (0, 1], got {strength}")
+        init = min(int(n * float(strength)), n)
+        if init < 1:
+            raise JaxdiffError(f"strength={strength} with {n} steps leaves no denoising step; raise "
+                               "strength or the number of steps")
+        return jnp.asarray(init, jnp.int32)
+    return jnp.minimum(jnp.floor(n * jnp.asarray(strength, jnp.float32) + 1e-4), n).astype(jnp.int32)
+
+
+def _traced_strength(config: GenerateConfig, strength):
+    """(config with strength 1.0 as the img2img flag, traced init steps) — or (config, None)
+    for text-to-image."""
+    strength = config.strength if strength is None else strength
+    if strength is None:
+        return config, None
+    return dataclasses.replace(config, strength=1.0), init_steps(config.num_inference_steps, strength)
+
+
 def _generate(pipe: StableDiffusion, config: GenerateConfig, params: dict, prompt_ids, negative_ids,
               key, guidance_scale, guidance_rescale=0.0, latents=None, init_image=None,
-              init_latents=None):
-    """The traced body shared by `generate` and `generate_parallel` (see `generate`)."""
+              init_latents=None, img2img_steps=None):
+    """The traced body shared by `generate` and `generate_parallel` (see `generate`);
+    img2img_steps: traced `init_steps` (default: from `config.strength`)."""
     batch = prompt_ids.shape[0]
     if negative_ids.shape != prompt_ids.shape:
         raise JaxdiffError(f"negative prompt ids {negative_ids.shape} and prompt ids "
@@ -342,16 +369,19 @@ def _generate(pipe: StableDiffusion, config: GenerateConfig, params: dict, promp
     guided = cfg(denoise, jnp.asarray(guidance_scale, jnp.float32), rescale)
     sched = pipe.scheduler
     with jax.ensure_compile_time_eval():  # the schedule is host arithmetic: constants, not tracers
-        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps,
-                                    strength=config.strength)
+        state = sched.set_timesteps(sched.create_state(), config.num_inference_steps)
     if img2img:
         if init_latents is None:
             init_latents = encode_images(pipe, params, init_image, k_encode)
         if tuple(init_latents.shape) != shape:
             raise JaxdiffError(f"init latents of shape {tuple(init_latents.shape)} do not fit this "
                                f"generation: expected NHWC {shape}")
-        x_start = img2img_start(sched, state, init_latents.astype(jnp.float32), noise)
-        out = sample(guided, sched, state, x_start, k_sample, (cond, uncond), scale_x_T=False)
+        if img2img_steps is None:
+            img2img_steps = init_steps(config.num_inference_steps, config.strength)
+        x_start, begin, state = strength_start(sched, state, img2img_steps, init_latents.astype(jnp.float32),
+                                               noise)
+        out = sample(guided, sched, state, x_start, k_sample, (cond, uncond), scale_x_T=False,
+                     start_index=begin)
     else:
         out = sample(guided, sched, state, noise, k_sample, (cond, uncond))
     if config.output == "latents":
@@ -378,7 +408,7 @@ _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
 
 def generate(pipe: StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,
              config: GenerateConfig = GenerateConfig(), guidance_rescale=0.0, latents=None,
-             init_image=None, init_latents=None) -> jax.Array:
+             init_image=None, init_latents=None, strength=None) -> jax.Array:
     """Generate images with classifier-free guidance, in one compiled program.
 
     prompt_ids, negative_ids: (B, 77) int32 from `tokenize_prompts`.
@@ -388,15 +418,19 @@ def generate(pipe: StableDiffusion, params: dict, prompt_ids, negative_ids, key,
     latents: optional initial noise (B, h, w, C) NHWC float32 (unit Gaussian, scaled by the
         scheduler's init_noise_sigma as diffusers does); default: drawn from `key`.
     init_image: img2img start images (B, H, W, 3) in [0, 1] (encoded with the VAE), or
-        init_latents: already-encoded (scaled) latents (B, h, w, C); both need `config.strength`.
+        init_latents: already-encoded (scaled) latents (B, h, w, C); both need `config.strength`
+        (or `strength`).
+    strength: img2img's strength, traced (default `config.strength`): changing it reuses the
+        program (the steps before the start are skipped under `lax.cond`).
     Returns (B, H, W, 3) float32 images in [0, 1] (or latents, see `GenerateConfig.output`).
     """
     if config.use_guidance_rescale is False and not _is_zero(guidance_rescale):
         config = dataclasses.replace(config, use_guidance_rescale=True)
+    config, steps = _traced_strength(config, strength)
     return _generate_jit(pipe, config, params, jnp.asarray(prompt_ids, jnp.int32),
                          jnp.asarray(negative_ids, jnp.int32), key,
                          jnp.asarray(guidance_scale, jnp.float32),
-                         jnp.asarray(guidance_rescale, jnp.float32), latents, init_image, init_latents)
+                         jnp.asarray(guidance_rescale, jnp.float32), latents, init_image, init_latents, steps)
 
 
 def _is_zero(x) -> bool:
@@ -435,13 +469,13 @@ def replicate_params(params: dict) -> dict:
 
 
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
-                          in_axes=(None, None, 0, 0, 0, 0, None, None, 0, 0, 0))
+                          in_axes=(None, None, 0, 0, 0, 0, None, None, 0, 0, 0, None))
 
 
 def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids, negative_ids,
                       keys, guidance_scale=7.5, *, config: GenerateConfig = GenerateConfig(),
                       guidance_rescale=0.0, latents=None, init_image=None,
-                      init_latents=None) -> jax.Array:
+                      init_latents=None, strength=None) -> jax.Array:
     """`generate` on all local devices at once (`jax.pmap`).
 
     replicated_params: from `replicate_params`. prompt_ids, negative_ids: (D·b, 77) — device d
@@ -463,10 +497,11 @@ def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids
     def split(x):
         return None if x is None else jnp.asarray(x).reshape((n, -1) + tuple(np.shape(x)[1:]))
 
+    config, steps = _traced_strength(config, strength)
     out = _generate_pmap(
         pipe, config, replicated_params, split(prompt_ids), split(negative_ids), keys,
         jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
-        split(latents), split(init_image), split(init_latents))
+        split(latents), split(init_image), split(init_latents), steps)
     return out.reshape((-1,) + out.shape[2:])
 
 
