@@ -348,7 +348,8 @@ def test_sdxl_refiner_img2img_and_base_to_refiner_match_diffusers(sdxl_folders, 
 
 @pytest.mark.extended
 def test_prompts_guidance_sizes_and_aesthetic_scores_do_not_recompile(jax_sdxl):
-    """All of them are traced: new values give new images from the same compiled program."""
+    """All of them (and img2img's strength) are traced: new values give new images from the
+    same compiled program."""
     from jaxdiff.pipelines import sdxl
 
     (base, bparams), (refiner, rparams) = jax_sdxl
@@ -370,16 +371,16 @@ def test_prompts_guidance_sizes_and_aesthetic_scores_do_not_recompile(jax_sdxl):
     ]
     init, eps = noise((1, 4, 8, 8), seed=3), noise((1, 4, 8, 8), seed=4)
 
-    def run_refiner(score, negative_score, w):
+    def run_refiner(score, negative_score, w, strength=None):
         cond = sdxl.micro_conditioning(refiner, 16, 16, aesthetic_score=score, negative_aesthetic_score=negative_score)
         return np.asarray(sdxl.generate(refiner, rparams, sdxl.tokenize_prompts(refiner, "a cat"), cond, key, w,
                                         config=sdxl.XLGenerateConfig(4, 16, 16, strength=0.6),
-                                        init_latents=init, latents=eps))
+                                        init_latents=init, latents=eps, strength=strength))
 
     refined = run_refiner(7.0, 2.0, 6.0)
     count_refiner = sdxl.compiled_programs()
     assert count_refiner <= count + 1
-    others_refined = [run_refiner(3.0, 9.0, 6.0), run_refiner(7.0, 2.0, 2.0)]
+    others_refined = [run_refiner(3.0, 9.0, 6.0), run_refiner(7.0, 2.0, 2.0), run_refiner(7.0, 2.0, 6.0, 0.9)]
     assert sdxl.compiled_programs() == count_refiner
     for a, b in [(first, o) for o in others] + [(refined, o) for o in others_refined]:
         assert np.abs(a - b).max() > 1e-3  # each input reaches the images

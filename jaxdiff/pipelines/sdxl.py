@@ -56,9 +56,10 @@ from jaxdiff.pipelines.stable_diffusion import (
     check_latents,
     decode_latents,
     encode_images,
+    init_steps,
     load_latents,
 )
-from jaxdiff.sampling import cfg, img2img_start, sample
+from jaxdiff.sampling import cfg, sample, strength_start
 from jaxdiff.schedulers import Scheduler, create_scheduler
 from jaxdiff.tokenizer import load_tokenizer, tokenize
 
@@ -358,9 +359,8 @@ def schedule(pipe: StableDiffusionXL, config: XLGenerateConfig):
             begin = len(ts) - count
             state = state.replace(begin_index=begin,
                                   step_index=jnp.asarray(sched._first_step_index(begin), jnp.int32))
-        else:
-            state = sched.set_timesteps(sched.create_state(), config.num_inference_steps,
-                                        strength=config.strength)
+        else:  # img2img's strength is applied traced (`sampling.strength_start`)
+            state = sched.set_timesteps(sched.create_state(), config.num_inference_steps)
         n = int(state.loop_timesteps.shape[0])
         if config.denoising_end is not None:
             n = int((np.asarray(state.loop_timesteps) >= _cutoff(sched, config.denoising_end)).sum())
@@ -395,8 +395,8 @@ def _unet_denoiser(pipe: StableDiffusionXL, unet_params):
 
 def _generate(pipe: StableDiffusionXL, config: XLGenerateConfig, params: dict, prompt: PromptIds,
               time_ids, negative_time_ids, key, guidance_scale, guidance_rescale=0.0, latents=None,
-              init_image=None, init_latents=None):
-    """The traced body of `generate`."""
+              init_image=None, init_latents=None, img2img_steps=None):
+    """The traced body of `generate`; img2img_steps: traced `init_steps` of the strength."""
     batch = prompt.ids_2.shape[0]
     shape = config.latent_shape(pipe, batch)
     img2img = init_image is not None or init_latents is not None
@@ -425,11 +425,13 @@ def _generate(pipe: StableDiffusionXL, config: XLGenerateConfig, params: dict, p
         if tuple(init_latents.shape) != shape:
             raise JaxdiffError(f"init latents of shape {tuple(init_latents.shape)} do not fit this "
                                f"generation: expected NHWC {shape}")
-        x_start = init_latents.astype(jnp.float32)
+        x_start, begin = init_latents.astype(jnp.float32), None
         if config.denoising_start is None:
-            x_start = img2img_start(pipe.scheduler, state, x_start, noise)
+            if img2img_steps is None:
+                img2img_steps = init_steps(config.num_inference_steps, config.strength)
+            x_start, begin, state = strength_start(pipe.scheduler, state, img2img_steps, x_start, noise)
         out = sample(guided, pipe.scheduler, state, x_start, k_sample, (cond, uncond), scale_x_T=False,
-                     num_steps=num_steps)
+                     num_steps=num_steps, start_index=begin)
     else:
         out = sample(guided, pipe.scheduler, state, noise, k_sample, (cond, uncond), num_steps=num_steps)
     if config.output == "latents":
@@ -451,7 +453,8 @@ def _time_ids(ids, batch: int, n: int, what: str) -> jax.Array:
 
 def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, conditioning: MicroConditioning,
              key, guidance_scale=5.0, *, config: XLGenerateConfig = XLGenerateConfig(),
-             guidance_rescale=0.0, latents=None, init_image=None, init_latents=None) -> jax.Array:
+             guidance_rescale=0.0, latents=None, init_image=None, init_latents=None,
+             strength=None) -> jax.Array:
     """Generate with classifier-free guidance in one compiled program.
 
     prompt: `tokenize_prompts(...)`. conditioning: `micro_conditioning(...)` (time ids (n,) for
@@ -459,7 +462,9 @@ def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, condition
     guidance_scale, guidance_rescale: traced. latents: initial noise (B, h, w, C) NHWC (txt2img:
         unit Gaussian scaled by the scheduler's init_noise_sigma; img2img: the noise added to the
         init latents). init_image (B, H, W, 3) in [0, 1] or init_latents (B, h, w, C) (scaled):
-        img2img (`config.strength`) or the refiner's handoff (`config.denoising_start`).
+        img2img (`config.strength` or `strength`) or the refiner's handoff (`config.denoising_start`).
+    strength: img2img's strength, traced (default `config.strength`): another strength reuses
+        the program (ignored with `denoising_start`, as diffusers does).
     Returns (B, H, W, 3) float32 in [0, 1] (or latents, `config.output="latents"`).
     """
     if not isinstance(prompt, PromptIds):
@@ -469,6 +474,11 @@ def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, condition
                            "tokenize them with this one")
     if config.use_guidance_rescale is False and not (isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0):
         config = dataclasses.replace(config, use_guidance_rescale=True)
+    strength = config.strength if strength is None else strength
+    steps = None
+    if strength is not None and config.denoising_start is None:
+        config = dataclasses.replace(config, strength=1.0)  # only says "img2img" to the program
+        steps = init_steps(config.num_inference_steps, strength)
     batch = np.shape(prompt.ids_2)[0]
     prompt = _prompt_arrays(prompt)
     n = pipe.num_time_ids
@@ -476,7 +486,7 @@ def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, condition
                          _time_ids(conditioning.time_ids, batch, n, "time_ids"),
                          _time_ids(conditioning.negative_time_ids, batch, n, "negative time_ids"), key,
                          jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
-                         latents, init_image, init_latents)
+                         latents, init_image, init_latents, steps)
 
 
 def _prompt_arrays(prompt: PromptIds) -> PromptIds:
