@@ -118,3 +118,135 @@ def test_shared_batch_entries_are_not_split():
     out = [jax.jit(make_train_step(loss_fn, tx, axis_name=None, grad_accum=k))(
         create_train_state(params, tx, jax.random.PRNGKey(0)), batch)[0].params for k in (1, 2, 8)]
     assert _max_abs(out[1], out[0]) <= 1e-6 and _max_abs(out[2], out[0]) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# The mesh: the rule, and jit over (data, fsdp) reaching what one device reaches
+# ------------------------------------------------------------------------------------------------
+
+def test_mesh_flags_and_the_one_sharding_rule():
+    from jax.sharding import PartitionSpec as P
+
+    from jaxdiff.parallel.mesh import MeshShape, make_mesh, parse_mesh, spec_for
+
+    assert parse_mesh(None) == MeshShape() and parse_mesh("data=2,fsdp=4") == MeshShape(2, 4)
+    assert parse_mesh("fsdp=2") == MeshShape(None, 2)
+    assert dict(make_mesh("fsdp=2").shape) == {"data": 4, "fsdp": 2}
+    assert dict(make_mesh(None).shape) == {"data": 8, "fsdp": 1}
+    for bad, message in (("data=3,fsdp=2", "needs 6 devices but the run has 8"), ("model=2", "write data=D,fsdp=F"),
+                         ("fsdp=3", "needs 6 devices"), ("data=0", "positive")):
+        with pytest.raises(JaxdiffError, match=message):
+            make_mesh(bad)
+    # Along the largest dimension divisible by fsdp (the last of equals); else replicated.
+    assert spec_for((3, 3, 320, 640), 8) == P(None, None, None, "fsdp")
+    assert spec_for((3, 3, 640, 320), 8) == P(None, None, "fsdp")
+    assert spec_for((320, 320), 4) == P(None, "fsdp")
+    assert spec_for((77, 5), 4) == P() and spec_for((), 4) == P() and spec_for((2,), 4) == P()
+    assert spec_for((1024,), 1) == P()
+
+
+def _mesh_run(tiny, mesh_text, steps, *, devices=None, state=None, start=0):
+    """`steps` Adam steps of the denoising loss under `jit` over a mesh; batches by step."""
+    from jaxdiff.parallel.engine import MeshEngine
+
+    model, params, sched, batch = tiny
+    engine = MeshEngine(mesh_text, devices)
+    tx = optax.adam(1e-2)
+    step = engine.compile(make_train_step(_loss(model, sched, engine.axis_name), tx, axis_name=engine.axis_name,
+                                          ema=EMA(decay=0.9)))
+    if state is None:
+        state = create_train_state(params, tx, jax.random.PRNGKey(1), ema=True)
+    state = engine.place_state(state)
+    for i in range(start, start + steps):
+        rolled = {k: np.roll(v, i, axis=0) for k, v in batch.items()}  # a different batch every step
+        state, _ = step(state, engine.place_batch(rolled))
+    return engine, state
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tiny):
+    return {name: _mesh_run(tiny, text, 3, devices=jax.devices()[:n])
+            for name, text, n in (("one", None, 1), ("data8", None, 8), ("fsdp4", "data=2,fsdp=4", 8))}
+
+
+def test_data_8_and_data_2_x_fsdp_4_reach_what_one_device_reaches(mesh_runs):
+    """3 Adam steps: the same parameters within 1e-5 (only the order of the gradient sums differs)."""
+    one = mesh_runs["one"][1]
+    for name in ("data8", "fsdp4"):
+        engine, state = mesh_runs[name]
+        host = engine.host_copy(state)
+        assert int(host.step) == 3
+        for part in ("params", "ema_params"):
+            assert _max_abs(getattr(host, part), jax.device_get(getattr(one, part))) <= 1e-5, (name, part)
+
+
+def test_fsdp_4_holds_under_0_3_of_the_data_only_bytes_per_device(mesh_runs):
+    from jaxdiff.parallel.mesh import device_bytes
+
+    def worst(state):
+        held = device_bytes((state.params, state.opt_state, state.ema_params))
+        assert len(held) == 8
+        return max(held.values())
+
+    data_only, fsdp = worst(mesh_runs["data8"][1]), worst(mesh_runs["fsdp4"][1])
+    assert fsdp <= 0.3 * data_only, (fsdp, data_only)
+    spec = mesh_runs["fsdp4"][1].params["Conv_0"]["kernel"].sharding.spec
+    assert "fsdp" in tuple(spec)
+
+
+def test_a_checkpoint_resumes_on_another_mesh(tiny, mesh_runs, tmp_path):
+    """Saved after 2 steps on data=2 x fsdp=4 (8 devices), resumed on data=2 x fsdp=2 (4 devices):
+    step 3 equals the uninterrupted 8-device run within float tolerance."""
+    from jaxdiff.training import Checkpointer
+
+    engine, state = _mesh_run(tiny, "data=2,fsdp=4", 2, devices=jax.devices())
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(engine.host_copy(state), {"data": {"epoch": 0, "index": 2}})
+    ckpt.wait()
+    template = jax.device_get(mesh_runs["one"][1])
+    restored, _ = ckpt.restore(2, template)
+    ckpt.close()
+    engine4, resumed = _mesh_run(tiny, "data=2,fsdp=2", 1, devices=jax.devices()[:4], state=restored, start=2)
+    assert len(resumed.params["Conv_0"]["kernel"].sharding.device_set) == 4
+    host = engine4.host_copy(resumed)
+    uninterrupted = mesh_runs["fsdp4"][0].host_copy(mesh_runs["fsdp4"][1])
+    assert int(host.step) == 3
+    assert _max_abs(host.params, uninterrupted.params) <= 1e-5
+    assert _max_abs(host.opt_state, uninterrupted.opt_state) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.extended  # three compilations of a UNet's backward pass
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """ResNet and transformer blocks of a (tiny) SD UNet rematerialised, with either policy:
+    the same gradients within 1e-6, and the program really recomputes (a remat in its jaxpr)."""
+    from jaxdiff.models.remat import checkpointed
+    from jaxdiff.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, init_params
+
+    config = UNet2DConditionConfig(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(config)
+    params = init_params(unet, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    x, ctx = rng.normal(size=(2, 8, 8, 4)).astype(np.float32), rng.normal(size=(2, 3, 8)).astype(np.float32)
+    t = np.array([10, 500], np.int32)
+
+    def apply(p, x, t, ctx):
+        return unet.apply({"params": p}, x, t, ctx, train=True)
+
+    def grads(fn):
+        loss = lambda p: jnp.mean(jnp.square(fn(p, x, t, ctx)))  # noqa: E731
+        return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    plain, text = grads(apply)
+    assert "remat" not in text and "checkpoint" not in text
+    for policy in ("full", "matmuls"):
+        remat, text = grads(checkpointed(apply, policy))
+        assert "remat" in text or "checkpoint" in text
+        scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(plain))
+        assert _max_abs(remat, plain) <= 1e-6 * max(1.0, scale), policy

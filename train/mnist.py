@@ -9,8 +9,8 @@ The defaults train a CPU-sized model (`--model small`) in ~10 minutes on two cor
 Adam 1e-3 and DDPM squaredcos_cap_v2 schedule, with batch 64, label dropout 0.1 (so samples can
 use classifier-free guidance), min-SNR-5 loss weighting and an EMA of the weights. The course's
 own recipe is `--model course --batch-size 128 --cfg-dropout 0 --snr-gamma 0 --ema-decay 0
---epochs 10` (MSE on the noise, no null label). Every step is one `pmap`ped, jitted `train_step` (gradients averaged with
-`lax.pmean`); the state (params, Adam moments, step, PRNG key, optional EMA) and the data
+--epochs 10` (MSE on the noise, no null label). Every step is one jitted `train_step` over a device
+mesh (`--mesh data=D,fsdp=F`; `--parallel pmap` for the replicated path); the state (params, Adam moments, step, PRNG key, optional EMA) and the data
 position are checkpointed with orbax every `--checkpoint-every` steps, at the end, and when the
 run is stopped (SIGTERM / Ctrl-C), so `--resume` continues exactly where it stopped. At the end
 `RUN/samples.png` shows `--per-class` samples of every digit (row i = digit i; DDIM, 40 steps,
@@ -116,10 +116,10 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
     import jax
     import optax
 
-    from jaxdiff import parallel
     from jaxdiff.data.batches import BatchIterator
     from jaxdiff.data.mnist import load_mnist
     from jaxdiff.images import save_png
+    from jaxdiff.models.remat import checkpointed
     from jaxdiff.pipelines.class_conditioned import GridSampler, RunConfig
     from jaxdiff.sampling import as_apply_fn
     from jaxdiff.training import EMA, create_train_state, diffusion_loss, make_train_step
@@ -143,11 +143,14 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
     run.plan_steps(len(data), config.batch_size, MNIST_DEFAULT_STEPS)
 
     tx = optax.adam(config.lr)
+    engine = run.engine
     loss_fn = diffusion_loss(as_apply_fn(model), scheduler,
                              scheduler.create_state(), cfg_dropout=config.cfg_dropout,
-                             null_label=model.null_label, snr_gamma=config.snr_gamma or None)
+                             null_label=model.null_label, snr_gamma=config.snr_gamma or None,
+                             axis_name=engine.axis_name)
+    loss_fn = checkpointed(loss_fn, settings.gradient_checkpointing)
     train_step = make_train_step(loss_fn, tx, ema=EMA(decay=config.ema_decay) if config.ema_decay else None,
-                                 grad_accum=settings.grad_accum)
+                                 grad_accum=settings.grad_accum, axis_name=engine.axis_name)
     key = jax.random.PRNGKey(config.seed)
     state = run.start(create_train_state(model.init_weights(key), tx, jax.random.fold_in(key, 1),
                                          ema=config.ema_decay > 0), record, batch_size=config.batch_size)
@@ -155,17 +158,21 @@ def train_and_evaluate(run, settings: MnistSettings) -> dict:
                             process_index=distributed.process_index(), process_count=distributed.process_count())
 
     def evaluate(p_state, step):
+        params = sampling_params(engine.host_copy(p_state)) if run.main or engine.copy_is_collective(p_state) \
+            else None
         if run.main:
-            run.log.image(step, "samples", grids.grid(sampling_params(parallel.host_copy(p_state))))
+            run.log.image(step, "samples", grids.grid(params))
             run.log.flush()
 
-    trained = run.train(parallel.pmap(train_step), parallel.replicate(state),
-                        lambda: parallel.shard(next(batches)), lambda: batches.position, evaluate=evaluate)
+    trained = run.train(engine.compile(train_step), engine.place_state(state),
+                        lambda: engine.place_batch(next(batches)), lambda: batches.position, evaluate=evaluate)
     summary = {**run.summary(trained, config.batch_size), "compile_seconds": round(trained.compile_seconds, 2)}
     if settings.samples:
+        final = engine.host_copy(trained.state) if engine.copy_is_collective(trained.state) else None
+
         def write_samples():
             t0 = time.perf_counter()
-            grid = grids.grid(sampling_params(parallel.host_copy(trained.state)))
+            grid = grids.grid(sampling_params(final if final is not None else engine.host_copy(trained.state)))
             summary["sample_seconds"] = round(time.perf_counter() - t0, 2)
             summary["samples"] = str(save_png(grid, run.run_dir / "samples.png", scale=2))
             run.log.image(trained.step, "samples", grid)

@@ -162,7 +162,7 @@ def batches_and_loss(run, settings, config, data, pipe, params, resolution):
         fetch = pixel_fetcher(data, resolution, tok, workers=settings.workers, on_bad_image=settings.on_bad_image)
     loss_cfg = LossConfig(cfg_dropout=config.cfg_dropout, noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
     return fetch, text_to_image_loss(pipe, training_scheduler(config.model_dir, config.prediction_type), loss_cfg, null_ids=tok([""])[0],
-                                     null_context=null_context)
+                                     null_context=null_context, axis_name=run.engine.axis_name)
 
 
 def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
@@ -171,8 +171,8 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff import parallel
     from jaxdiff.data.captions import CaptionBatches, load_captions
+    from jaxdiff.models.remat import checkpointed
     from jaxdiff.pipelines.stable_diffusion import load_pipeline
     from jaxdiff.training import create_train_state
     from jaxdiff.training.program import sampling_params
@@ -194,7 +194,10 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     total_steps = run.plan_steps(len(data), config.batch_size, TEXT_TO_IMAGE_DEFAULT_STEPS, fixed_length=None
                                  if config.lr_schedule == "constant" else f"{config.lr_schedule} learning-rate schedule")
     fetch, loss_fn = batches_and_loss(run, settings, config, data, pipe, params, resolution)
-    train_step, tx, lr_schedule = train_step_for(config, loss_fn, total_steps, grad_accum=settings.grad_accum)
+    engine = run.engine
+    train_step, tx, lr_schedule = train_step_for(config, checkpointed(loss_fn, settings.gradient_checkpointing),
+                                                 total_steps, grad_accum=settings.grad_accum,
+                                                 axis_name=engine.axis_name)
     record = RunRecord(PROGRAM, dataclasses.asdict(config),
                        data={"fingerprint": data.fingerprint, "images": len(data), "source": data.source})
     state = run.start(create_train_state(params.pop("unet"), tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
@@ -203,17 +206,16 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     batches = CaptionBatches(data, config.batch_size, fetch, seed=config.seed, position=run.position,
                              process_index=distributed.process_index(), process_count=distributed.process_count(),
                              workers=settings.workers)
-    encoders = None if config.cache_latents else parallel.replicate(
-        {"vae": params["vae"], "text_encoder": params["text_encoder"]})
+    shared = None if config.cache_latents else {"encoders": {"vae": params["vae"], "text_encoder": params["text_encoder"]}}
 
     def next_batch():
-        sharded = parallel.shard({k: v for k, v in next(batches).items() if k != "index"})
-        return sharded if encoders is None else {**sharded, "encoders": encoders}
+        return engine.place_batch({k: v for k, v in next(batches).items() if k != "index"}, shared=shared)
 
     evaluator = Evaluator(pipe, params, data, fetch, loss_fn, batch_size=config.batch_size, resolution=resolution,
                           seed=config.seed, cached=config.cache_latents, prompts=settings.validation_prompt,
                           samples_per_prompt=settings.samples_per_prompt, sample_steps=settings.sample_steps,
-                          guidance_scale=settings.guidance_scale, samples=settings.samples, main_process=run.main)
+                          guidance_scale=settings.guidance_scale, samples=settings.samples, main_process=run.main,
+                          engine=engine)
     last_eval: dict = {}
 
     def checkpoint_metrics(p_state, window):
@@ -227,7 +229,7 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
         return {"loss": float(m["loss"][0]), "mse": float(m["mse"][0]), "grad_norm": float(m["grad_norm"][0]),
                 "lr": float(lr_schedule(step - 1))}
 
-    trained = run.train(parallel.pmap(train_step), parallel.replicate(state), next_batch, lambda: batches.position,
+    trained = run.train(engine.compile(train_step), engine.place_state(state), next_batch, lambda: batches.position,
                         scalars=scalars, checkpoint_metrics=checkpoint_metrics, close_data=batches.close,
                         evaluate=lambda p_state, step: evaluator.log_eval(run.log, p_state, step))
     summary = {**run.summary(trained, config.batch_size), "first_step_seconds": round(trained.compile_seconds, 2),
@@ -236,10 +238,13 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
         summary["eval_loss"] = round(last_eval["eval_loss"], 5)
     summary["skipped_images"] = batches.skipped_images  # this process's share
 
+    final = engine.host_copy(trained.state) if engine.copy_is_collective(trained.state) else None
+
     def samples_and_export():
+        host_state = final if final is not None else engine.host_copy(trained.state)
         if settings.samples:
-            summary["samples"] = str(evaluator.log_eval(run.log, trained.state, trained.step, with_loss=False))
-        unet_params = sampling_params(parallel.host_copy(trained.state))
+            summary["samples"] = str(evaluator.log_eval(run.log, host_state, trained.step, with_loss=False))
+        unet_params = sampling_params(host_state)
         summary["unet"] = str(export(run.run_dir, pipe, unet_params, with_pipeline=settings.export_pipeline))
 
     distributed.on_main_process(samples_and_export, "writing the samples and the exported UNet")

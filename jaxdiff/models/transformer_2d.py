@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxdiff.errors import JaxdiffError, unknown_choice
 from jaxdiff.models.attention import Attention
 from jaxdiff.models.layers import GroupNorm
+from jaxdiff.models.remat import remat_block
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu-approximate": "tanh", "geglu-approximate": "sigmoid"}
 FF_ACTIVATIONS = ("geglu",) + tuple(_GELU_APPROXIMATION)
@@ -145,7 +146,7 @@ class Transformer2DModel(nn.Module):
             x = nn.Conv(inner, (1, 1), padding="VALID", dtype=self.dtype, name="proj_in")(x)
             x = x.reshape(b, h * w, inner)
         for i in range(self.num_layers):
-            x = BasicTransformerBlock(
+            x = remat_block(BasicTransformerBlock)(
                 inner, self.num_attention_heads, self.attention_head_dim,
                 cross_attention_dim=self.cross_attention_dim,
                 only_cross_attention=self.only_cross_attention,

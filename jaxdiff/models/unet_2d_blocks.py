@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxdiff.errors import JaxdiffError, unknown_choice
 from jaxdiff.models.attention import Attention
 from jaxdiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdiff.models.remat import remat_block
 
 RESAMPLE_TYPES = ("conv", "resnet")
 
@@ -66,7 +67,7 @@ class _DownBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def _resnet(self, in_channels: int, name: str, down: bool = False) -> ResnetBlock2D:
-        return ResnetBlock2D(in_channels, self.out_channels, temb_channels=self.temb_channels,
+        return remat_block(ResnetBlock2D)(in_channels, self.out_channels, temb_channels=self.temb_channels,
                              groups=self.resnet_groups, eps=self.resnet_eps,
                              non_linearity=self.resnet_act_fn,
                              time_embedding_norm=self.resnet_time_scale_shift,
@@ -140,7 +141,7 @@ class _UpBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def _resnet(self, in_channels: int, name: str, up: bool = False) -> ResnetBlock2D:
-        return ResnetBlock2D(in_channels, self.out_channels, temb_channels=self.temb_channels,
+        return remat_block(ResnetBlock2D)(in_channels, self.out_channels, temb_channels=self.temb_channels,
                              groups=self.resnet_groups, eps=self.resnet_eps,
                              non_linearity=self.resnet_act_fn,
                              time_embedding_norm=self.resnet_time_scale_shift,
@@ -230,7 +231,7 @@ class UNetMidBlock2D(nn.Module):
             attn_groups = groups if self.resnet_time_scale_shift == "default" else None
 
         def resnet(i):
-            return ResnetBlock2D(self.in_channels, self.in_channels, temb_channels=self.temb_channels,
+            return remat_block(ResnetBlock2D)(self.in_channels, self.in_channels, temb_channels=self.temb_channels,
                                  groups=groups, eps=self.resnet_eps, non_linearity=self.resnet_act_fn,
                                  time_embedding_norm=self.resnet_time_scale_shift,
                                  output_scale_factor=self.output_scale_factor, dropout=self.dropout,

@@ -37,6 +37,7 @@ from jaxdiff.models.layers import (GaussianFourierProjection, Timesteps, Timeste
                                    conv, get_activation)
 from jaxdiff.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from jaxdiff.models.transformer_2d import Transformer2DModel
+from jaxdiff.models.remat import remat_block
 from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
@@ -222,7 +223,7 @@ class _CrossAttnMixin:
             upcast_attention=self.upcast_attention, dropout=0.0, dtype=self.dtype, name=name)
 
     def _resnet(self, in_channels: int, out_channels: int, name: str) -> ResnetBlock2D:
-        return ResnetBlock2D(in_channels, out_channels, temb_channels=self.temb_channels,
+        return remat_block(ResnetBlock2D)(in_channels, out_channels, temb_channels=self.temb_channels,
                              groups=self.resnet_groups, eps=self.resnet_eps,
                              non_linearity=self.resnet_act_fn,
                              time_embedding_norm=self.resnet_time_scale_shift,

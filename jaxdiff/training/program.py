@@ -5,7 +5,9 @@ pmapped step loop with its log, stop requests and evaluations, and the one-line 
     run = TrainingRun("train.mnist", MnistConfig, settings, run_dir, flags=vars(args))
     data = ...; total_steps = run.plan_steps(len(data), config.batch_size, DEFAULT_STEPS)
     state = run.start(template_state, record)               # fresh, or the newest checkpoint
-    trained = run.train(train_step, lambda: parallel.shard(next(batches)), batches.position)
+    engine = run.engine                                     # mesh (jit, default) or pmap
+    trained = run.train(engine.compile(train_step), engine.place_state(state),
+                        lambda: engine.place_batch(next(batches)), lambda: batches.position)
     summary = run.summary(trained); run.close()
 
 A program supplies its config (a frozen dataclass: the run's settings, saved in
@@ -39,7 +41,10 @@ class LoopSettings:
     `log_backend`, a progress bar. A run stops with an error after `max_nonfinite_steps` steps
     in a row whose loss or gradients were not finite (their updates are skipped). `grad_accum`
     K: each update from K micro-batches of the batch, in one compiled step (a memory lever: the
-    update is the same up to float rounding, so it may change on --resume)."""
+    update is the same up to float rounding, so it may change on --resume). `parallel`: "mesh"
+    (`jit` over a device mesh, `mesh` "data=D,fsdp=F", default every device on data) or "pmap"
+    (`jaxdiff.parallel.engine`); a run may resume on another mesh. `gradient_checkpointing`
+    "full" or "matmuls" (what the blocks keep, `jaxdiff.models.remat`), None: off."""
 
     steps: Optional[int] = None
     epochs: Optional[float] = None
@@ -52,6 +57,9 @@ class LoopSettings:
     progress: bool = True
     max_nonfinite_steps: int = MAX_NONFINITE_STEPS
     grad_accum: int = 1
+    parallel: str = "mesh"
+    mesh: Optional[str] = None
+    gradient_checkpointing: Optional[str] = None
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_help: str) -> None:
@@ -77,6 +85,15 @@ def add_loop_flags(parser: argparse.ArgumentParser, default_steps: int, *, eval_
                    help="compute each update from K micro-batches of --batch-size / K, one after the "
                         "other inside the compiled step: a K-th of the activation memory, the same "
                         "update (default 1)")
+    g.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
+                   help="mesh: one jit over a device mesh, state split by --mesh (default); pmap: the "
+                        "state replicated on every device")
+    g.add_argument("--mesh", default=None, metavar="data=D,fsdp=F",
+                   help="devices on the data axis (batch split) x the fsdp axis (batch, params, optimizer "
+                        "moments and EMA split); default: every device on data")
+    g.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=("full", "matmuls"), default=None,
+                   help="recompute the UNet's ResNet and transformer blocks in the backward pass instead of "
+                        "keeping their activations (full: keep nothing; matmuls: keep matmul outputs)")
 
 
 def check_loop_flags(args: argparse.Namespace) -> None:
@@ -156,6 +173,9 @@ class TrainingRun:
         self.main = distributed.is_main_process()
         self.checkpointer = self.log = None
         self.total_steps = 0
+        from jaxdiff.parallel.engine import make_engine
+
+        self.engine = make_engine(settings.parallel, settings.mesh)
         if settings.resume and not self.run_dir.is_dir():
             read_run(self.run_dir, program)  # the one error for a run folder that does not exist
         self.lock = distributed.on_main_process(
@@ -237,6 +257,9 @@ class TrainingRun:
         if not self.resuming or self.record.total_steps != self.total_steps:  # new, extended or shortened
             distributed.on_main_process(lambda: write_run(self.run_dir, record), "writing the run record")
         distributed.sync("run-folder-ready")
+        distributed.log(f"devices: {self.engine.describe()}")
+        if getattr(self.engine, "mesh", None) is not None and self.engine.mesh.shape["fsdp"] > 1:
+            distributed.log(self.engine.table(state, limit=12))
         self.start_step = int(state.step)
         self.log = RunLog(self.run_dir, total_steps=self.total_steps, initial_step=self.start_step,
                           images_per_step=batch_size, enabled=self.main, progress=s.progress,
@@ -254,7 +277,6 @@ class TrainingRun:
         losses since the last checkpoint)`) every `checkpoint_every` steps and at the end,
         `evaluate(p_state, step)` every `eval_every` steps. SIGTERM / Ctrl-C: checkpoint the
         current step and exit with 128 + the signal."""
-        from jaxdiff import parallel
         from jaxdiff.training.loop import run_steps
         from jaxdiff.training.preemption import StopRequests
 
@@ -288,12 +310,16 @@ class TrainingRun:
                 log.scalars(step, scalars(step, metrics) if scalars else {"loss": value})
             log.step(step, {"loss": value})
 
+        engine = self.engine
+
         def checkpoint(p_state, step):
             metrics = checkpoint_metrics(p_state, list(window)) if checkpoint_metrics else None
             window.clear()
+            host = engine.host_copy(p_state) if engine.copy_is_collective(p_state) else None
             distributed.on_main_process(
-                lambda: self.checkpointer.save(parallel.host_copy(p_state), {"data": position().to_dict()},
-                                               metrics=metrics), f"saving the checkpoint of step {step}")
+                lambda: self.checkpointer.save(host if host is not None else engine.host_copy(p_state),
+                                               {"data": position().to_dict()}, metrics=metrics),
+                f"saving the checkpoint of step {step}")
             saved[0] = step
 
         # The signal handlers stay until the last save is on disk: a second SIGTERM cannot cut it.

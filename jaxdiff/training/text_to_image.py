@@ -197,25 +197,28 @@ class Evaluator:
 
     def __init__(self, pipe, params, data, fetch, loss_fn, *, batch_size: int, resolution: int, seed: int,
                  cached: bool, prompts, samples_per_prompt: int, sample_steps: int, guidance_scale: float,
-                 samples: bool, main_process: bool):
-        from jaxdiff import parallel
+                 samples: bool, main_process: bool, engine=None):
         from jaxdiff.parallel import distributed
+        from jaxdiff.parallel.engine import PmapEngine
         from jaxdiff.training.program import sampling_params
 
         self.pipe, self.main, self.samples = pipe, main_process, samples
+        self.engine = engine = engine or PmapEngine()  # the training run's (`loss_fn` built for its axis)
         self.frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
         ids = np.arange(batch_size, dtype=np.int64)[distributed.host_slice(batch_size)]
         caps = np.array([data.caption_ids[i][0] for i in ids], np.int64)
-        self.batch = parallel.shard({k: v for k, v in fetch(ids, caps).items() if k != "index"})
-        if not cached:
-            self.batch["encoders"] = parallel.replicate(self.frozen)
+        self.batch = engine.place_batch({k: v for k, v in fetch(ids, caps).items() if k != "index"},
+                                        shared=None if cached else {"encoders": self.frozen})
         self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
 
         def eval_loss(state, batch):
             loss, _ = loss_fn(sampling_params(state), batch, self.key)
-            return jax.lax.pmean(loss, parallel.AXIS)
+            return loss if engine.axis_name is None else jax.lax.pmean(loss, engine.axis_name)
 
-        self._eval = parallel.pmap(eval_loss, donate_state=False)
+        if engine.axis_name is None:
+            self._eval = jax.jit(lambda state, batch: eval_loss(state, batch)[None])
+        else:
+            self._eval = jax.pmap(eval_loss, axis_name=engine.axis_name)
         prompts = list(prompts or []) or [c for c in data.caption_strings if c][:4] or ["a photo"]
         self.prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         self.samples_per_prompt, self.sample_steps = samples_per_prompt, sample_steps
@@ -230,14 +233,15 @@ class Evaluator:
             values = self.eval_loss(p_state)
             log.scalars(step, values)
             log.write(f"step {step}: eval loss {values['eval_loss']:.5f}")
+        collective = self.engine.copy_is_collective(p_state)  # then every process takes part
+        host = self.engine.host_copy(p_state) if self.samples and collective else None
         if not self.samples or not self.main:
             return None
-        from jaxdiff import parallel
         from jaxdiff.images import make_grid, unit_to_uint8
         from jaxdiff.pipelines.stable_diffusion import GenerateConfig, generate, tokenize_prompts
         from jaxdiff.training.program import sampling_params
 
-        unet = sampling_params(parallel.host_copy(p_state))
+        unet = sampling_params(host if host is not None else self.engine.host_copy(p_state))
         ids, neg = tokenize_prompts(self.pipe, self.prompts)
         config = GenerateConfig(num_inference_steps=self.sample_steps, height=self.resolution, width=self.resolution)
         images = generate(self.pipe, {"unet": unet, **self.frozen}, ids, neg, jax.random.PRNGKey(0),
