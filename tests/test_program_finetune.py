@@ -323,7 +323,7 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(pipe_dir, flat,
     stopped at and exits 143; --resume finishes it bit for bit like a run never stopped
     (params, EMA and optimizer state; data order, crops, flips and noise continue exactly)."""
     env = subprocess_env(1)
-    common = ["--model-dir", str(pipe_dir), "--train-data", str(flat), "--steps", "300", "--batch-size", "4",
+    common = ["--model-dir", str(pipe_dir), "--train-data", str(flat), "--steps", "120", "--batch-size", "4",
               "--lr", "1e-3", "--ema-decay", "0.9", "--random-crop", "--random-flip", "--no-samples",
               "--log-backend", "jsonl", "--no-progress"]
     whole = subprocess.run(TRAIN + common + ["--out", str(tmp_path / "whole"), "--checkpoint-every", "1000"],
@@ -339,10 +339,10 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(pipe_dir, flat,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped_at = int(err.split("stopped at step ")[1].split(";")[0])
-    assert 5 <= stopped_at < 300
+    assert 5 <= stopped_at < 120
     resumed = subprocess.run(TRAIN + ["--out", str(out), "--resume", "--no-progress"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["global_step"] == 300
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["global_step"] == 120
     for part in ("params", "ema_params", "opt_state"):
-        assert_trees_equal(checkpoint_part(out, 300, part)[0], checkpoint_part(tmp_path / "whole", 300, part)[0])
+        assert_trees_equal(checkpoint_part(out, 120, part)[0], checkpoint_part(tmp_path / "whole", 120, part)[0])
