@@ -392,3 +392,38 @@ def test_trained_lora_loads_in_diffusers_with_the_same_image(sd, trained_lora):
     trained = {**params, "unet": T.apply_lora(params["unet"], lora, 2.0)}
     got = sdp.generate(pipe, trained, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(_latents(3)))
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+@pytest.mark.extended
+def test_training_program_trains_a_lora_that_diffusers_loads(sd, model_dir, caption_folder, cache, tmp_path):
+    """`train.text_to_image --lora-rank 4 --lora-alpha 8 --lora-kohya`: RUN holds the adapters
+    (PEFT and kohya layouts, no UNet export); the adapter lowers the fixed-noise loss of the
+    cached examples, and diffusers' `load_lora_weights` of it gives jaxdiff's image."""
+    from helpers import cached_batch, run_args
+
+    from jaxdiff.pipelines import stable_diffusion as sdp
+    from jaxdiff.schedulers import create_scheduler
+    from jaxdiff.training.text_to_image import LossConfig, text_to_image_loss
+    from train.text_to_image import main
+
+    pipe, params = sd
+    out = tmp_path / "run"
+    main(run_args(model_dir, caption_folder, out, "--no-compile-cache", "--steps", "30", "--lr", "3e-3",
+                            "--cache-latents", "--cache-dtype", "float32", "--no-samples", "--best-metric", "none",
+                            "--lora-rank", "4", "--lora-alpha", "8", "--lora-kohya", "--checkpoint-every", "30"))
+    peft_file = out / "pytorch_lora_weights.safetensors"
+    assert peft_file.is_file() and (out / "pytorch_lora_weights.kohya.safetensors").is_file()
+    assert not (out / "unet").exists()
+    trained = {**params, "unet": A.fuse(params, A.load_lora(peft_file, params), 1.0)[0]["unet"]}
+    loss = jax.jit(text_to_image_loss(pipe, create_scheduler(pipe.folder / "scheduler", name="ddpm"), LossConfig(),
+                                      axis_name=None))
+    batch = cached_batch(cache, range(16))
+    before = np.mean([float(loss(params["unet"], batch, jax.random.PRNGKey(k))[0]) for k in range(4)])
+    after = np.mean([float(loss(trained["unet"], batch, jax.random.PRNGKey(k))[0]) for k in range(4)])
+    assert after < 0.9 * before, (before, after)
+    ref = _reference({"run": peft_file}, ["run"])
+    want = _torch_images(ref, _latents(5))
+    ids, neg = sdp.tokenize_prompts(pipe, PROMPTS, NEGATIVE)
+    config = sdp.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    got = sdp.generate(pipe, trained, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(_latents(5)))
+    np.testing.assert_allclose(got, want, atol=ATOL)

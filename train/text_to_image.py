@@ -109,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let the data's file_name entries point outside its folder (../, absolute, symlinks)")
     g.add_argument("--no-export-pipeline", dest="export_pipeline", action="store_false",
                    help="export RUN/unet only, without copying the model's other components into RUN")
+    from jaxdiff.adapters.training import add_lora_flags
+
+    add_lora_flags(p)
     add_loop_flags(p, TEXT_TO_IMAGE_DEFAULT_STEPS, eval_help="every N steps: a fixed-noise eval loss and a "
                    "grid of samples (0 = only at the end)")
     add_compile_cache_flags(p)
@@ -119,7 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args) -> None:
     check_loop_flags(args)
     at_least(args, 1, "batch_size", "resolution", "samples_per_prompt", "sample_steps", "workers",
-             "max_image_pixels")
+             "max_image_pixels", "lora_rank")
+    positive(args, "lora_alpha")
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets or args.lora_kohya):
+        raise JaxdiffError("--lora-alpha, --lora-targets and --lora-kohya go with --lora-rank R")
+    if args.lora_targets:
+        args.lora_targets = tuple(args.lora_targets)
     at_least(args, 0, "warmup_steps", "ema_update_after_step", "weight_decay", "noise_offset", "max_grad_norm")
     positive(args, "lr", "snr_gamma", "ema_inv_gamma", "ema_power", "adam_epsilon")
     in_range(args, 0.0, 1.0, "cfg_dropout", "ema_decay", "adam_beta1", "adam_beta2")
@@ -194,6 +202,20 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
     total_steps = run.plan_steps(len(data), config.batch_size, TEXT_TO_IMAGE_DEFAULT_STEPS, fixed_length=None
                                  if config.lr_schedule == "constant" else f"{config.lr_schedule} learning-rate schedule")
     fetch, loss_fn = batches_and_loss(run, settings, config, data, pipe, params, resolution)
+    lora_base = unet_of = None
+    if config.lora_rank:  # LoRA: the trainable tree is the adapters; the base UNet is a frozen batch entry
+        from jaxdiff.adapters import training as lora_training
+
+        lora_base, scale = params["unet"], lora_training.lora_scale(config.lora_rank, config.lora_alpha)
+        unet_loss, loss_fn = loss_fn, lora_training.lora_loss(loss_fn, scale)
+        params["unet"] = lora_training.init_lora(lora_base, config.lora_rank, config.lora_targets,
+                                                 jax.random.fold_in(jax.random.PRNGKey(config.seed), 3))
+
+        def unet_of(lora):
+            return lora_training.apply_lora(lora_base, lora, scale)
+
+        def eval_loss_fn(lora, batch, key):  # the evaluator's batches carry no base: closed over
+            return unet_loss(unet_of(lora), batch, key)
     engine = run.engine
     train_step, tx, lr_schedule = train_step_for(config, checkpointed(loss_fn, settings.gradient_checkpointing),
                                                  total_steps, grad_accum=settings.grad_accum,
@@ -207,15 +229,17 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
                              process_index=distributed.process_index(), process_count=distributed.process_count(),
                              workers=settings.workers)
     shared = None if config.cache_latents else {"encoders": {"vae": params["vae"], "text_encoder": params["text_encoder"]}}
+    if lora_base is not None:
+        shared = {"encoders": {**(shared or {}).get("encoders", {}), "unet": lora_base}}
 
     def next_batch():
         return engine.place_batch({k: v for k, v in next(batches).items() if k != "index"}, shared=shared)
 
-    evaluator = Evaluator(pipe, params, data, fetch, loss_fn, batch_size=config.batch_size, resolution=resolution,
+    evaluator = Evaluator(pipe, params, data, fetch, loss_fn if lora_base is None else eval_loss_fn, batch_size=config.batch_size, resolution=resolution,
                           seed=config.seed, cached=config.cache_latents, prompts=settings.validation_prompt,
                           samples_per_prompt=settings.samples_per_prompt, sample_steps=settings.sample_steps,
                           guidance_scale=settings.guidance_scale, samples=settings.samples, main_process=run.main,
-                          engine=engine)
+                          engine=engine, unet_of=unet_of)
     last_eval: dict = {}
 
     def checkpoint_metrics(p_state, window):
@@ -245,6 +269,13 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
         if settings.samples:
             summary["samples"] = str(evaluator.log_eval(run.log, host_state, trained.step, with_loss=False))
         unet_params = sampling_params(host_state)
+        if lora_base is not None:
+            from jaxdiff.adapters.training import export_lora
+
+            summary["lora"] = export_lora(run.run_dir, unet_params, lora_base, rank=config.lora_rank,
+                                          alpha=config.lora_alpha, targets=config.lora_targets,
+                                          kohya=config.lora_kohya)
+            return
         summary["unet"] = str(export(run.run_dir, pipe, unet_params, with_pipeline=settings.export_pipeline))
 
     distributed.on_main_process(samples_and_export, "writing the samples and the exported UNet")

@@ -106,6 +106,10 @@ class TextToImageConfig:
     ema_power: float = 2 / 3
     cache_latents: bool = False
     cache_dtype: str = "float16"
+    lora_rank: int = 0  # > 0: train a LoRA of this rank (jaxdiff.adapters.training), not the UNet
+    lora_alpha: Optional[float] = None
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_kohya: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

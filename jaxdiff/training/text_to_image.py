@@ -197,12 +197,12 @@ class Evaluator:
 
     def __init__(self, pipe, params, data, fetch, loss_fn, *, batch_size: int, resolution: int, seed: int,
                  cached: bool, prompts, samples_per_prompt: int, sample_steps: int, guidance_scale: float,
-                 samples: bool, main_process: bool, engine=None):
+                 samples: bool, main_process: bool, engine=None, unet_of=None):
         from jaxdiff.parallel import distributed
         from jaxdiff.parallel.engine import PmapEngine
         from jaxdiff.training.program import sampling_params
 
-        self.pipe, self.main, self.samples = pipe, main_process, samples
+        self.pipe, self.main, self.samples, self.unet_of = pipe, main_process, samples, unet_of
         self.engine = engine = engine or PmapEngine()  # the training run's (`loss_fn` built for its axis)
         self.frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
         ids = np.arange(batch_size, dtype=np.int64)[distributed.host_slice(batch_size)]
@@ -242,6 +242,7 @@ class Evaluator:
         from jaxdiff.training.program import sampling_params
 
         unet = sampling_params(host if host is not None else self.engine.host_copy(p_state))
+        unet = self.unet_of(unet) if self.unet_of is not None else unet  # LoRA runs: base + adapters
         ids, neg = tokenize_prompts(self.pipe, self.prompts)
         config = GenerateConfig(num_inference_steps=self.sample_steps, height=self.resolution, width=self.resolution)
         images = generate(self.pipe, {"unet": unet, **self.frozen}, ids, neg, jax.random.PRNGKey(0),
