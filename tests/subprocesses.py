@@ -35,9 +35,10 @@ class ProcessResult(NamedTuple):
     seconds: float  # from the start until this process had exited
 
 
-def run_processes(command: list, num_processes: int = 2, timeout: float = 300) -> list[ProcessResult]:
-    """`command` (argv) as a multi-host run of `num_processes` processes on localhost, one CPU
-    device each: how each process ended, in process order."""
+def run_processes(command: list, num_processes: int = 2, timeout: float = 300,
+                  devices: int = 1) -> list[ProcessResult]:
+    """`command` (argv) as a multi-host run of `num_processes` processes on localhost, `devices`
+    CPU devices each: how each process ended, in process order."""
     address = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as logs:  # files, not pipes: a chatty process cannot block
@@ -45,7 +46,7 @@ def run_processes(command: list, num_processes: int = 2, timeout: float = 300) -
                  for i in range(num_processes)]
         procs = [subprocess.Popen([*map(str, command), "--coordinator-address", address, "--num-processes",
                                    str(num_processes), "--process-id", str(i), "--distributed-timeout", "60"],
-                                  cwd=ROOT, env=subprocess_env(1), stdout=out, stderr=err, text=True)
+                                  cwd=ROOT, env=subprocess_env(devices), stdout=out, stderr=err, text=True)
                  for i, (out, err) in enumerate(files)]
         ended = [None] * num_processes
         try:

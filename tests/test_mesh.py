@@ -3,6 +3,8 @@ step equal one step on the whole batch), rematerialisation, the sharding rule, a
 a (data, fsdp) mesh reaching the same parameters as one device."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,11 +148,12 @@ def test_mesh_flags_and_the_one_sharding_rule():
 
 
 def _mesh_run(tiny, mesh_text, steps, *, devices=None, state=None, start=0):
-    """`steps` Adam steps of the denoising loss under `jit` over a mesh; batches by step."""
-    from jaxdiff.parallel.engine import MeshEngine
+    """`steps` Adam steps of the denoising loss under `jit` over a mesh (`mesh_text` "pmap":
+    the pmap engine); batches by step."""
+    from jaxdiff.parallel.engine import MeshEngine, PmapEngine
 
     model, params, sched, batch = tiny
-    engine = MeshEngine(mesh_text, devices)
+    engine = PmapEngine() if mesh_text == "pmap" else MeshEngine(mesh_text, devices)
     tx = optax.adam(1e-2)
     step = engine.compile(make_train_step(_loss(model, sched, engine.axis_name), tx, axis_name=engine.axis_name,
                                           ema=EMA(decay=0.9)))
@@ -166,13 +169,15 @@ def _mesh_run(tiny, mesh_text, steps, *, devices=None, state=None, start=0):
 @pytest.fixture(scope="module")
 def mesh_runs(tiny):
     return {name: _mesh_run(tiny, text, 3, devices=jax.devices()[:n])
-            for name, text, n in (("one", None, 1), ("data8", None, 8), ("fsdp4", "data=2,fsdp=4", 8))}
+            for name, text, n in (("one", None, 1), ("data8", None, 8), ("fsdp4", "data=2,fsdp=4", 8),
+                                  ("pmap", "pmap", 8))}
 
 
 def test_data_8_and_data_2_x_fsdp_4_reach_what_one_device_reaches(mesh_runs):
-    """3 Adam steps: the same parameters within 1e-5 (only the order of the gradient sums differs)."""
+    """3 Adam steps: the same parameters within 1e-5 (only the order of the gradient sums differs),
+    as the pmap engine's."""
     one = mesh_runs["one"][1]
-    for name in ("data8", "fsdp4"):
+    for name in ("data8", "fsdp4", "pmap"):
         engine, state = mesh_runs[name]
         host = engine.host_copy(state)
         assert int(host.step) == 3
@@ -250,3 +255,62 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert "remat" in text or "checkpoint" in text
         scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(plain))
         assert _max_abs(remat, plain) <= 1e-6 * max(1.0, scale), policy
+
+
+# ------------------------------------------------------------------------------------------------
+# Programs on a mesh (extended: each starts train.mnist in subprocesses)
+# ------------------------------------------------------------------------------------------------
+
+def _mnist(out, devices, *extra, steps=4):
+    import subprocess
+    import sys
+
+    from subprocesses import ROOT, TINY, subprocess_env
+
+    args = [sys.executable, "-m", "train.mnist", "--out", str(out), "--steps", str(steps), "--checkpoint-every", "2",
+            "--no-samples", "--no-progress", "--log-backend", "jsonl", *TINY, *extra]
+    proc = subprocess.run(args, cwd=ROOT, env=subprocess_env(devices), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.extended
+def test_train_mnist_resumes_on_a_smaller_mesh(tmp_path, mnist_dir):
+    """8 devices, data=2 x fsdp=4, stopped at step 2; resumed on 4 devices, data=2 x fsdp=2, to
+    step 4: the parameters of the uninterrupted 8-device run within float tolerance."""
+    from subprocesses import final_params
+
+    data = ["--data-dir", str(mnist_dir)]
+    _mnist(tmp_path / "whole", 8, *data, "--mesh", "data=2,fsdp=4")
+    _mnist(tmp_path / "moved", 8, *data, "--mesh", "data=2,fsdp=4", steps=2)
+    resumed = _mnist(tmp_path / "moved", 4, *data, "--mesh", "data=2,fsdp=2", "--resume")
+    assert "mesh data=2 x fsdp=2" in resumed.stderr
+    for part in ("params", "ema_params"):
+        a, meta_a, step_a = final_params(tmp_path / "moved", part)
+        b, meta_b, step_b = final_params(tmp_path / "whole", part)
+        assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
+        assert _max_abs(a, b) <= 1e-5, part
+
+
+@pytest.mark.extended
+def test_two_processes_with_4_devices_train_as_one_process_with_8(tmp_path, mnist_dir):
+    """Multi-host on the mesh: 2 processes x 4 CPU devices (gloo) against 1 process x 8, the same
+    flags (data=4 x fsdp=2): the same checkpoints within float tolerance."""
+    from subprocesses import TINY, final_params, run_processes
+
+    common = ["--data-dir", str(mnist_dir), "--steps", "4", "--checkpoint-every", "2", "--no-samples",
+              "--no-progress", "--log-backend", "jsonl", "--mesh", "data=4,fsdp=2", *TINY]
+    import sys
+
+    results = run_processes([sys.executable, "-m", "train.mnist", "--out", str(tmp_path / "multi"), *common],
+                            timeout=900, devices=4)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    report = [line for line in results[0].stdout.splitlines() if line.startswith("{")]
+    assert json.loads(report[-1])["processes"] == 2 and json.loads(report[-1])["devices"] == 8
+    _mnist(tmp_path / "single", 8, *common[:2], "--mesh", "data=4,fsdp=2")
+    for part in ("params", "ema_params"):
+        a, meta_a, step_a = final_params(tmp_path / "multi", part)
+        b, meta_b, step_b = final_params(tmp_path / "single", part)
+        assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
+        assert _max_abs(a, b) <= 1e-6, part

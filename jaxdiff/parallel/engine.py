@@ -34,10 +34,10 @@ class PmapEngine:
     name = "pmap"
 
     def __init__(self):
-        from jaxdiff.parallel import pmap
+        import importlib
 
-        self._pmap = pmap
-        self.axis_name = pmap.AXIS
+        self._pmap = importlib.import_module("jaxdiff.parallel.pmap")  # the module (the package exports the function)
+        self.axis_name = self._pmap.AXIS
         self._shared_cache: dict = {}
 
     def describe(self) -> str:
