@@ -314,3 +314,21 @@ def test_two_processes_with_4_devices_train_as_one_process_with_8(tmp_path, mnis
         b, meta_b, step_b = final_params(tmp_path / "single", part)
         assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
         assert _max_abs(a, b) <= 1e-6, part
+
+
+@pytest.mark.extended
+def test_generate_sharded_over_the_mesh_equals_one_device(sd):
+    """8 prompts split over 8 devices by `jit` (no pmap, no hand-replicated latents): the images
+    of the one-device program within float tolerance, laid out over the devices."""
+    from jaxdiff.pipelines.stable_diffusion import GenerateConfig, generate, generate_sharded, tokenize_prompts
+
+    pipe, params = sd
+    ids, neg = tokenize_prompts(pipe, [f"a photo of {i}" for i in range(8)])
+    config = GenerateConfig(num_inference_steps=2, height=64, width=64)
+    key = jax.random.PRNGKey(3)
+    one = generate(pipe, params, ids, neg, key, 5.0, config=config)
+    sharded = generate_sharded(pipe, params, ids, neg, key, 5.0, config=config)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(one), atol=1e-5)
+    with pytest.raises(JaxdiffError, match="split evenly over the mesh's 8 devices"):
+        generate_sharded(pipe, params, ids[:3], neg[:3], key, 5.0, config=config)

@@ -468,6 +468,32 @@ def replicate_params(params: dict) -> dict:
     return parallel.replicate(params)
 
 
+def generate_sharded(pipe: StableDiffusion, params: dict, prompt_ids, negative_ids, key, guidance_scale=7.5, *,
+                     mesh=None, latents=None, init_image=None, init_latents=None, **kwargs) -> jax.Array:
+    """`generate` with the batch split over the devices of `mesh` (default: every device on
+    `data`, `jaxdiff.parallel.mesh`): the same `jit` program as on one device, its inputs
+    (prompt ids, latents, init images) sharded along the batch and the params replicated, so
+    XLA runs each device's rows there. Returns the same images as `generate` with the same
+    `key` (float tolerance), sharded over the devices. B must split over the mesh's devices."""
+    from jax.sharding import NamedSharding
+
+    from jaxdiff.parallel import mesh as mesh_lib
+
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    n = mesh.devices.size
+    if np.shape(prompt_ids)[0] % n:
+        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over the mesh's {n} devices; "
+                           f"use a multiple of {n}")
+    rows, whole = NamedSharding(mesh, mesh_lib.BATCH), NamedSharding(mesh, mesh_lib.REPLICATED)
+
+    def split(x, dtype=None):
+        return None if x is None else jax.device_put(jnp.asarray(x, dtype), rows)
+
+    return generate(pipe, jax.device_put(params, whole), split(prompt_ids, jnp.int32), split(negative_ids, jnp.int32),
+                    key, guidance_scale, latents=split(latents), init_image=split(init_image),
+                    init_latents=split(init_latents), **kwargs)
+
+
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
                           in_axes=(None, None, 0, 0, 0, 0, None, None, 0, 0, 0, None))
 
