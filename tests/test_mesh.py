@@ -277,19 +277,25 @@ def _mnist(out, devices, *extra, steps=4):
 @pytest.mark.extended
 def test_train_mnist_resumes_on_a_smaller_mesh(tmp_path, mnist_dir):
     """8 devices, data=2 x fsdp=4, stopped at step 2; resumed on 4 devices, data=2 x fsdp=2, to
-    step 4: the parameters of the uninterrupted 8-device run within float tolerance."""
+    step 4. Float tolerance, stated as a noise floor: the resumed run is no further from the
+    uninterrupted 8-device run than a whole run on the 4-device mesh is (the per-device gradient
+    sums round differently, and Adam normalises near-zero gradients to full-size updates)."""
     from subprocesses import final_params
 
     data = ["--data-dir", str(mnist_dir)]
-    _mnist(tmp_path / "whole", 8, *data, "--mesh", "data=2,fsdp=4")
+    _mnist(tmp_path / "whole8", 8, *data, "--mesh", "data=2,fsdp=4")
+    _mnist(tmp_path / "whole4", 4, *data, "--mesh", "data=2,fsdp=2")
     _mnist(tmp_path / "moved", 8, *data, "--mesh", "data=2,fsdp=4", steps=2)
     resumed = _mnist(tmp_path / "moved", 4, *data, "--mesh", "data=2,fsdp=2", "--resume")
     assert "mesh data=2 x fsdp=2" in resumed.stderr
-    for part in ("params", "ema_params"):
-        a, meta_a, step_a = final_params(tmp_path / "moved", part)
-        b, meta_b, step_b = final_params(tmp_path / "whole", part)
+    for part in ("params", "ema_params", "opt_state"):
+        moved, meta_a, step_a = final_params(tmp_path / "moved", part)
+        whole8, meta_b, step_b = final_params(tmp_path / "whole8", part)
+        whole4, _, _ = final_params(tmp_path / "whole4", part)
         assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
-        assert _max_abs(a, b) <= 1e-5, part
+        floor = _max_abs(whole4, whole8)
+        assert floor < 1e-3, part  # the meshes themselves agree to float noise
+        assert _max_abs(moved, whole8) <= 2 * floor + 1e-6, (part, floor)
 
 
 @pytest.mark.extended
