@@ -301,7 +301,10 @@ def test_train_mnist_resumes_on_a_smaller_mesh(tmp_path, mnist_dir):
 @pytest.mark.extended
 def test_two_processes_with_4_devices_train_as_one_process_with_8(tmp_path, mnist_dir):
     """Multi-host on the mesh: 2 processes x 4 CPU devices (gloo) against 1 process x 8, the same
-    flags (data=4 x fsdp=2): the same checkpoints within float tolerance."""
+    flags (data=4 x fsdp=2): the same checkpoints within float tolerance. gloo sums the 8 devices'
+    gradients in another order than one process does, and Adam (lr 1e-3) turns that rounding of
+    near-zero gradient elements into updates of up to lr per step: 1e-4 is a tenth of one step's
+    largest update (measured: 4.2e-5 after 4 steps)."""
     from subprocesses import TINY, final_params, run_processes
 
     common = ["--data-dir", str(mnist_dir), "--steps", "4", "--checkpoint-every", "2", "--no-samples",
@@ -319,7 +322,7 @@ def test_two_processes_with_4_devices_train_as_one_process_with_8(tmp_path, mnis
         a, meta_a, step_a = final_params(tmp_path / "multi", part)
         b, meta_b, step_b = final_params(tmp_path / "single", part)
         assert step_a == step_b == 4 and meta_a["data"] == meta_b["data"]
-        assert _max_abs(a, b) <= 1e-6, part
+        assert _max_abs(a, b) <= 1e-4, part
 
 
 @pytest.mark.extended
