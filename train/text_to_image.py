@@ -1,5 +1,5 @@
-"""Fine-tune a Stable Diffusion 1.x/2.x UNet on image–caption pairs, data-parallel over every
-device of every host.
+"""Fine-tune a Stable Diffusion 1.x/2.x or SDXL (base) UNet on image–caption pairs, data-parallel
+over every device of every host.
 
     python -m train.text_to_image --model-dir sd-v1-5 --train-data my_images/ --out runs/sd \\
         --resolution 512 --batch-size 32 --steps 10000 --lr 1e-5 --cfg-dropout 0.1 --cache-latents
@@ -17,6 +17,10 @@ master weights, the noise (or v) target, AdamW with gradient clipping and a warm
 --cfg-dropout p a caption is replaced by the empty prompt with probability p, so the model works
 with classifier-free guidance. --noise-offset and --snr-gamma (min-SNR weighting) as in
 diffusers' train_text_to_image.py; v-prediction models (SD 2.x-v) train on the v target.
+SDXL folders (model_index.json's StableDiffusionXLPipeline, or a text_time UNet) train with both
+text encoders (penultimate states concatenated + text_encoder_2's pooled projection; cached too)
+and the time ids original_size = target_size = (R, R), crop (0, 0) (centre crops; the crop
+offset is not tracked). SDXL refiners are refused.
 
 The run folder RUN holds jaxdiff_run.json (the run's settings, length and data), checkpoints/ (orbax: params,
 optimizer, EMA, PRNG key and data position; written asynchronously every --checkpoint-every
@@ -51,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = program_parser("python -m train.text_to_image", __doc__)
     num = finite_float
     g = p.add_argument_group("model and data")
-    g.add_argument("--model-dir", default=None, help="diffusers Stable Diffusion folder to fine-tune")
+    g.add_argument("--model-dir", default=None, help="diffusers Stable Diffusion (1.x/2.x/XL base) folder to fine-tune")
     g.add_argument("--train-data", default=None, help="image folder with metadata.jsonl/csv, or a HF datasets name")
     g.add_argument("--split", default=None, help="HF datasets split (default train)")
     g.add_argument("--caption-column", default=None, help="caption column (default: text, caption or prompt)")
@@ -152,11 +156,10 @@ def batches_and_loss(run, settings, config, data, pipe, params, resolution):
     """(fetch(ids, caption_ids) -> host batch, the loss): from the latent cache or on the fly."""
     from jaxdiff.data.captions import pixel_fetcher
     from jaxdiff.data.latent_cache import LatentCache
-    from jaxdiff.tokenizer import tokenize
-    from jaxdiff.training.text_to_image import LossConfig, sd_encoders, text_to_image_loss, training_scheduler
+    from jaxdiff.training.text_to_image import (LossConfig, caption_tokenizer, sd_encoders, text_to_image_loss,
+                                                training_scheduler)
 
-    def tok(strings):
-        return tokenize(pipe.tokenizer, list(strings), pipe.max_length)
+    tok = caption_tokenizer(pipe)  # SDXL: both tokenizers' ids, (b, 2, L)
 
     null_context = None
     if config.cache_latents:
@@ -181,11 +184,11 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
 
     from jaxdiff.data.captions import CaptionBatches, load_captions
     from jaxdiff.models.remat import checkpointed
-    from jaxdiff.pipelines.stable_diffusion import load_pipeline
     from jaxdiff.training import create_train_state
     from jaxdiff.training.program import sampling_params
     from jaxdiff.training.run_folder import RunRecord
-    from jaxdiff.training.text_to_image import Evaluator, export, train_step_for, training_resolution
+    from jaxdiff.training.text_to_image import (Evaluator, export, load_training_pipeline, train_step_for,
+                                                training_resolution)
 
     config = run.config
     data = load_captions(config.train_data, split=config.split, caption_column=config.caption_column,
@@ -193,8 +196,8 @@ def train_and_evaluate(run, settings: TextToImageSettings) -> dict:
                          allow_outside_paths=settings.allow_outside_paths, max_image_pixels=settings.max_image_pixels)
     run.check_same_data(data.fingerprint, len(data))
     dtype = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
-    pipe, params = load_pipeline(config.model_dir, dtype=dtype, param_dtype=jnp.float32,
-                                 scheduler=settings.sample_scheduler)
+    pipe, params = load_training_pipeline(config.model_dir, dtype=dtype, param_dtype=jnp.float32,
+                                          scheduler=settings.sample_scheduler)
     resolution = training_resolution(pipe, config.resolution)
     distributed.check_batch_size(config.batch_size)
     if config.batch_size > len(data):

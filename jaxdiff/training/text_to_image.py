@@ -81,10 +81,93 @@ def encode_pixels(pipe, vae_params, pixels: jax.Array) -> jax.Array:
 
 
 def encode_text(pipe, text_encoder_params, input_ids: jax.Array) -> jax.Array:
-    """Token ids (b, L) → text embeddings (b, L, D) as the pipeline conditions the UNet."""
+    """Token ids (b, L) → text embeddings (b, L, D) as the pipeline conditions the UNet.
+    SDXL: ids (b, 2, L) of both tokenizers, params {"text_encoder", "text_encoder_2"} → both
+    penultimate states concatenated (b, L, D1 + D2), with text_encoder_2's pooled projection
+    (P ≤ D1 + D2) zero-padded as one more row: (b, L + 1, D1 + D2), what the cache stores."""
+    if is_sdxl(pipe):
+        from jaxdiff.pipelines.sdxl import encode_prompt as sdxl_encode
+
+        context, pooled = sdxl_encode(pipe, text_encoder_params, input_ids[:, 0], input_ids[:, 1])
+        width = context.shape[-1]
+        if pooled.shape[-1] > width:
+            raise JaxdiffError(f"text_encoder_2's projection_dim {pooled.shape[-1]} exceeds the context width "
+                               f"{width}; this SDXL layout is not supported for fine-tuning")
+        pooled = jnp.pad(pooled.astype(context.dtype), ((0, 0), (0, width - pooled.shape[-1])))
+        return jnp.concatenate([context, pooled[:, None]], axis=1)
     from jaxdiff.pipelines.stable_diffusion import encode_prompt
 
     return encode_prompt(pipe, {"text_encoder": text_encoder_params}, input_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL: both text encoders, packed so the SD batch (and the latent cache) carry them unchanged
+# --------------------------------------------------------------------------------------------
+
+def is_sdxl(pipe) -> bool:
+    """Is `pipe` a loaded SDXL pipeline (`jaxdiff.pipelines.sdxl.StableDiffusionXL`)?"""
+    return hasattr(pipe, "text_encoder_2")
+
+
+def is_sdxl_folder(model_dir) -> bool:
+    """An SDXL folder: model_index.json names an SDXL pipeline, or unet/config.json has
+    `addition_embed_type="text_time"`."""
+    from pathlib import Path
+
+    from jaxdiff.pipelines.registry import pipeline_class
+    from jaxdiff.weights import read_json
+
+    root = Path(model_dir).expanduser()
+    if str(pipeline_class(root) or "").startswith("StableDiffusionXL"):
+        return True
+    unet_config = root / "unet" / "config.json"
+    return unet_config.is_file() and read_json(unet_config).get("addition_embed_type") == "text_time"
+
+
+def load_training_pipeline(model_dir, *, dtype, param_dtype, scheduler=None):
+    """(pipe, params) of an SD 1.x/2.x or SDXL base folder for fine-tuning. For SDXL the text
+    params are nested, `params["text_encoder"] = {"text_encoder": ..., "text_encoder_2": ...}`,
+    so the frozen-encoder plumbing (batches, cache, evaluator) is the SD one. An SDXL refiner
+    (aesthetic-score time ids, no first text encoder) is refused."""
+    from pathlib import Path
+
+    if not is_sdxl_folder(model_dir):
+        from jaxdiff.pipelines.stable_diffusion import load_pipeline
+
+        return load_pipeline(model_dir, dtype=dtype, param_dtype=param_dtype, scheduler=scheduler)
+    from jaxdiff.pipelines import sdxl
+
+    index = sdxl.read_sdxl_index(Path(model_dir).expanduser())
+    if index.get("requires_aesthetics_score") or not sdxl._listed(index, "text_encoder"):
+        raise JaxdiffError(f"{model_dir} is an SDXL refiner (aesthetic-score time ids, no text_encoder/): "
+                           "train.text_to_image fine-tunes SD 1.x/2.x and SDXL base UNets; pass the base folder")
+    pipe, params = sdxl.load_sdxl_pipeline(model_dir, dtype=dtype, param_dtype=param_dtype, scheduler=scheduler)
+    params["text_encoder"] = {"text_encoder": params.pop("text_encoder"),
+                              "text_encoder_2": params.pop("text_encoder_2")}
+    return pipe, params
+
+
+def caption_tokenizer(pipe) -> Callable:
+    """`tok(strings) -> int ids`: (b, L) for SD; (b, 2, L) for SDXL (tokenizer, tokenizer_2)."""
+    from jaxdiff.tokenizer import tokenize
+
+    if not is_sdxl(pipe):
+        return lambda strings: tokenize(pipe.tokenizer, list(strings), pipe.max_length)
+    return lambda strings: np.stack([tokenize(pipe.tokenizer, list(strings), pipe.max_length),
+                                     tokenize(pipe.tokenizer_2, list(strings), pipe.max_length)], axis=1)
+
+
+def sdxl_time_ids(resolution: int) -> np.ndarray:
+    """SDXL's training time ids (6,): original_size = target_size = (R, R), crop top-left (0, 0)
+    (images are centre-cropped to R; the crop offset is not tracked)."""
+    return np.asarray([resolution, resolution, 0, 0, resolution, resolution], np.float32)
+
+
+def _sdxl_cond(pipe, packed: jax.Array) -> dict:
+    """The packed text embedding (b, L + 1, D) of `encode_text` → the SDXL UNet's cond dict
+    (context (b, L, D), text_embeds (b, P), time ids from the latent size)."""
+    p = pipe.text_encoder_2.config.projection_dim
+    return {"context": packed[:, :-1], "text_embeds": packed[:, -1, :p]}
 
 
 def sd_encoders(pipe) -> dict:
@@ -107,6 +190,7 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
     state = scheduler.create_state()
     num_train_timesteps = int(state.alphas_cumprod.shape[0])
     vae_config = pipe.vae.config
+    sdxl = is_sdxl(pipe)
 
     def prepare(batch: Mapping, keys: jax.Array) -> Noising:
         if "pixels" in batch:
@@ -123,7 +207,8 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
             if config.cfg_dropout > 0:
                 if null_ids is None:
                     raise JaxdiffError("caption dropout needs null_ids (the empty prompt's token ids)")
-                ids = jnp.where(draws["drop"][:, None], jnp.asarray(null_ids, ids.dtype)[None], ids)
+                drop = draws["drop"].reshape((-1,) + (1,) * (ids.ndim - 1))
+                ids = jnp.where(drop, jnp.asarray(null_ids, ids.dtype)[None], ids)
             context = jax.lax.stop_gradient(encode_text(pipe, encoders["text_encoder"], ids))
         else:
             context = batch["context"].astype(jnp.float32)
@@ -133,12 +218,22 @@ def text_to_image_loss(pipe, scheduler, config: LossConfig = LossConfig(), *,
                 context = jnp.where(draws["drop"][:, None, None],
                                     jnp.asarray(null_context, jnp.float32)[None], context)
         latents = scale_latents(vae_config, posterior.mean + posterior.std * draws["latent"])
+        if sdxl:
+            cond = _sdxl_cond(pipe, context)
+            time_ids = sdxl_time_ids(latent_shape[0] * pipe.vae_scale_factor)
+            context = {**cond, "time_ids": jnp.broadcast_to(jnp.asarray(time_ids), (latents.shape[0], 6))}
         return Noising(latents, draws["noise"], draws["t"], context)
 
     def batch_size(batch: Mapping) -> int:
         return (batch["pixels"] if "pixels" in batch else batch["moments"]).shape[0]
 
-    return denoising_loss(as_apply_fn(pipe.unet), scheduler, state,
+    if sdxl:
+        from jaxdiff.pipelines.sdxl import unet_apply_fn
+
+        apply_fn = unet_apply_fn(pipe.unet)
+    else:
+        apply_fn = as_apply_fn(pipe.unet)
+    return denoising_loss(apply_fn, scheduler, state,
                           prepare, batch_size, snr_gamma=config.snr_gamma, axis_name=axis_name)
 
 
@@ -187,7 +282,8 @@ def train_step_for(config, loss_fn: Callable, total_steps: int, *, grad_accum: i
 # Evaluation and export (train.text_to_image)
 # --------------------------------------------------------------------------------------------
 
-COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor")
+COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler",
+                     "feature_extractor")
 
 
 class Evaluator:
@@ -243,6 +339,16 @@ class Evaluator:
 
         unet = sampling_params(host if host is not None else self.engine.host_copy(p_state))
         unet = self.unet_of(unet) if self.unet_of is not None else unet  # LoRA runs: base + adapters
+        if is_sdxl(self.pipe):
+            from jaxdiff.pipelines import sdxl
+
+            r = self.resolution
+            images = sdxl.generate(
+                self.pipe, {"unet": unet, "vae": self.frozen["vae"], **self.frozen["text_encoder"]},
+                sdxl.tokenize_prompts(self.pipe, self.prompts), sdxl.micro_conditioning(self.pipe, r, r),
+                jax.random.PRNGKey(0), self.guidance_scale,
+                config=sdxl.XLGenerateConfig(num_inference_steps=self.sample_steps, height=r, width=r))
+            return log.image(step, "samples", make_grid(unit_to_uint8(images), nrow=self.samples_per_prompt))
         ids, neg = tokenize_prompts(self.pipe, self.prompts)
         config = GenerateConfig(num_inference_steps=self.sample_steps, height=self.resolution, width=self.resolution)
         images = generate(self.pipe, {"unet": unet, **self.frozen}, ids, neg, jax.random.PRNGKey(0),
