@@ -149,10 +149,15 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     _check_model_source(args)
     _check(args)
-    class_name = registry.pipeline_class(args.model_dir) if args.model_dir else "StableDiffusionPipeline"
+    if args.model_dir:
+        class_name = registry.pipeline_class(args.model_dir)
+    else:  # a single file: SD 1.x/2.x, or SDXL base / refiner (from its keys)
+        from jaxdiff.single_file import pipeline_class
+
+        class_name = pipeline_class(args.model_file, args.prediction_type)
     spec = (registry.spec_for_kind(args.pipeline) if args.pipeline
             else registry.spec_for_class(class_name, args.model_dir))
-    if args.model_file and spec.kind != "text-to-image":
+    if args.model_file and spec.kind not in ("text-to-image", "sdxl"):
         raise JaxdiffError(f"--model-file runs text-to-image / img2img only, not --pipeline {spec.kind}; "
                            "convert the checkpoint to a diffusers folder for that pipeline")
     request = registry.resolve(spec, request_of(args), args.model_dir or args.model_file, class_name)

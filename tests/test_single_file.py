@@ -39,7 +39,8 @@ def _resnet_back(rest):
 def unet_to_ldm(name, layers_per_block, up_has_attention):
     n = layers_per_block + 1
     top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     module, _, leaf = name.rpartition(".")
     if module in top:
         return f"{top[module]}.{leaf}"
@@ -203,7 +204,7 @@ def test_family_is_detected_from_the_keys():
     assert S.detect_family(v1) == "sd-v1"
     assert S.detect_family(v2) == "sd-v2"
     assert S.detect_family(v2, "epsilon") == "sd-v2-base"
-    with pytest.raises(JaxdiffError, match="SDXL"):
+    with pytest.raises(JaxdiffError, match="no model.diffusion_model"):
         S.detect_family({"conditioner.embedders.1.model.positional_embedding": (77, 1280)})
     with pytest.raises(JaxdiffError, match="9 input channels"):
         S.detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
@@ -307,3 +308,216 @@ def test_sample_program_reads_a_model_file(sd1_file, sd, tmp_path):
     want = sdp.generate(pipe, params, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(latents))
     got = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
     np.testing.assert_allclose(got, np.asarray(want), atol=1 / 255 + 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# SDXL base and refiner single files
+# ------------------------------------------------------------------------------------------------
+
+_XL_UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "norm_num_groups": 8, "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 8}
+XL_BASE_UNET = dict(_XL_UNET, block_out_channels=(32, 32, 64), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=80,
+                    projection_class_embeddings_input_dim=6 * 8 + 32)
+XL_REFINER_UNET = dict(_XL_UNET, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(2, 4, 4, 4), transformer_layers_per_block=(1, 2, 1, 1),
+                       cross_attention_dim=48, projection_class_embeddings_input_dim=5 * 8 + 32)
+XL_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def _xl_text_config(**kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{"bos_token_id": 521, "eos_token_id": 522, "pad_token_id": 1, "hidden_size": 32,
+                             "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
+                             "vocab_size": 523, "hidden_act": "gelu", "projection_dim": 32, **kw})
+
+
+def build_sdxl_folders(root, fixtures_dir):
+    """A tiny SDXL base and refiner (SDXL's block layouts, both encoders, tokenizer_2 padding with
+    "!", the tiny SD fixture's VAE and vocabulary) saved by diffusers: (base dir, refiner dir)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    fixture = fixtures_dir / "tiny-sd-pt-v1"
+    torch.manual_seed(0)
+    te1 = perturb(CLIPTextModel(_xl_text_config()).eval())
+    # bigG's stand-in is wider than ViT-L's (48 vs 32; context 80 = 32 + 48), as in SDXL, where
+    # diffusers' from_single_file tells the two encoders apart by width.
+    te2 = perturb(CLIPTextModelWithProjection(_xl_text_config(eos_token_id=2, hidden_size=48)).eval())
+    tok = CLIPTokenizer.from_pretrained(fixture / "tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(fixture / "tokenizer", pad_token="!")
+    vae = AutoencoderKL.from_pretrained(fixture / "vae").eval()
+    sched = EulerDiscreteScheduler(**XL_SCHEDULER)
+    base = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=perturb(UNet2DConditionModel(**XL_BASE_UNET).eval()), scheduler=sched,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
+        unet=perturb(UNet2DConditionModel(**XL_REFINER_UNET).eval()), scheduler=sched,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    base.save_pretrained(root / "base")
+    refiner.save_pretrained(root / "refiner")
+    return root / "base", root / "refiner"
+
+
+def write_sdxl_single_file(folder, path):
+    """An SDXL diffusers folder as one original-layout file: `conditioner.embedders.0.transformer.*`
+    (CLIP ViT-L, transformers names; base only) and OpenCLIP bigG (`embedders.1.model.*` for a base,
+    `embedders.0.model.*` for a refiner) with `text_projection` stored as `x @ P`."""
+    from diffusers import DiffusionPipeline
+    from safetensors.numpy import save_file
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    ucfg = pipe.unet.config
+    up_attn = ["CrossAttn" in t for t in ucfg.up_block_types]
+    tensors = {"model.diffusion_model." + unet_to_ldm(k, ucfg.layers_per_block, up_attn): v.numpy()
+               for k, v in pipe.unet.state_dict().items()}
+    for k, v in pipe.vae.state_dict().items():
+        name, value = vae_to_ldm(k, v.numpy(), len(pipe.vae.config.up_block_types))
+        tensors["first_stage_model." + name] = value
+    if pipe.text_encoder is not None:
+        for k, v in pipe.text_encoder.state_dict().items():
+            k = k if k.startswith("text_model.") else "text_model." + k  # the original's names
+            tensors["conditioner.embedders.0.transformer." + k] = v.numpy()
+    te2 = {k: v.numpy() for k, v in pipe.text_encoder_2.state_dict().items()}
+    projection = te2.pop("text_projection.weight")
+    big_g = open_clip_from_transformers(te2, np.random.default_rng(0))
+    big_g["text_projection"] = projection.T
+    prefix = "conditioner.embedders.0.model." if pipe.text_encoder is None else "conditioner.embedders.1.model."
+    tensors.update({prefix + k: v for k, v in big_g.items()})
+    tensors["alphas_cumprod"] = np.linspace(1, 0.01, 1000).astype(np.float32)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_sdxl_family_is_detected_from_the_keys():
+    """SDXL base (bigG as embedders.1), refiner (bigG as embedders.0), SD 2.x unchanged; the
+    shipped configs are SDXL's (2.567 B-parameter base UNet) and tokenizer_2 pads with "!"."""
+    from jaxdiff.models import unet_2d_condition as unet_lib
+    from jaxdiff.tokenizer import tokenize
+
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048)}
+    base = dict(unet, **{"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+                         "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+                         "conditioner.embedders.1.model.text_projection": (1280, 1280)})
+    refiner = dict(unet, **{"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+                            "conditioner.embedders.0.model.text_projection": (1280, 1280)})
+    v2 = {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+          "cond_stage_model.model.positional_embedding": (77, 1024)}
+    assert S.detect_family(base) == "sdxl-base" and S.detect_family(base, "epsilon") == "sdxl-base"
+    assert S.detect_family(refiner) == "sdxl-refiner"
+    assert S.detect_family(v2) == "sd-v2"
+    with pytest.raises(JaxdiffError, match="9 input channels"):
+        S.detect_family(dict(base, **{"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}))
+    with pytest.raises(JaxdiffError, match="OpenCLIP bigG"):
+        S.detect_family(dict(unet, **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)}))
+
+    for family, n_ids in (("sdxl-base", 6), ("sdxl-refiner", 5)):
+        _, raw = S.W.read_config(S.CONFIGS / family, "unet")
+        cfg = unet_lib.UNet2DConditionConfig.from_dict(raw)
+        assert cfg.projection_class_embeddings_input_dim == n_ids * 256 + 1280
+    _, raw = S.W.read_config(S.CONFIGS / "sdxl-base", "unet")
+    shapes = unet_lib.param_shapes(unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(raw)),
+                                   jnp.float32)
+    assert abs(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) / 1e9 - 2.567) < 0.001
+    tok2 = S.load_family_tokenizer(S.CONFIGS / "sdxl-base", "tokenizer_2")
+    tok1 = S.load_family_tokenizer(S.CONFIGS / "sdxl-base", "tokenizer")
+    assert tokenize(tok2, ["a photo of a cat"], 77)[0, 7] == 0 and tokenize(tok1, ["a photo of a cat"], 77)[0, 7] == 49407
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(fixtures_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-single")
+    base_dir, refiner_dir = build_sdxl_folders(root, fixtures_dir)
+    return (base_dir, write_sdxl_single_file(base_dir, root / "base.safetensors"),
+            refiner_dir, write_sdxl_single_file(refiner_dir, root / "refiner.safetensors"))
+
+
+def _xl_noise(shape, seed):
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy().transpose(0, 2, 3, 1).copy()
+
+
+@pytest.mark.extended
+def test_sdxl_base_and_refiner_single_files_match_from_single_file(sdxl_files):
+    """Both files load to the folder's params leaf for leaf and give diffusers'
+    `from_single_file(config=folder)` images within 5e-4 (base txt2img; refiner img2img)."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from jaxdiff.pipelines import sdxl
+
+    base_dir, base_file, refiner_dir, refiner_file = sdxl_files
+    pipe, params = S.load_single_file(base_file, config_dir=base_dir, dtype=jnp.float32)
+    assert isinstance(pipe, sdxl.StableDiffusionXL) and pipe.force_zeros_for_empty_prompt
+    _, folder_params = sdxl.load_sdxl_pipeline(base_dir, dtype=jnp.float32)
+    assert params.keys() == folder_params.keys()
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(folder_params)):
+        np.testing.assert_array_equal(got, want)
+
+    ref = StableDiffusionXLPipeline.from_single_file(str(base_file), config=str(base_dir), local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    lat = _xl_noise((2, 4, 8, 8), 0)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=5.0, height=16,
+                   width=16, latents=torch.from_numpy(lat.transpose(0, 3, 1, 2)), output_type="np").images
+    got = sdxl.generate(pipe, params, sdxl.tokenize_prompts(pipe, PROMPTS, NEGATIVE),
+                        sdxl.micro_conditioning(pipe, 16, 16), jax.random.key(0), 5.0,
+                        config=sdxl.XLGenerateConfig(3, 16, 16), latents=lat)
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=0)
+
+    rpipe, rparams = S.load_single_file(refiner_file, config_dir=refiner_dir, dtype=jnp.float32)
+    assert rpipe.text_encoder is None and rpipe.requires_aesthetics_score and set(rparams) == {"unet", "vae", "text_encoder_2"}
+    _, folder_params = sdxl.load_sdxl_pipeline(refiner_dir, dtype=jnp.float32)
+    for got, want in zip(jax.tree.leaves(rparams), jax.tree.leaves(folder_params)):
+        np.testing.assert_array_equal(got, want)
+    # The refiner's images: its folder's params (equal above) match diffusers' refiner img2img
+    # within 5e-4 in test_sdxl (extended); here diffusers' from_single_file reads the same weights.
+    ref = StableDiffusionXLImg2ImgPipeline.from_single_file(str(refiner_file), config=str(refiner_dir),
+                                                             local_files_only=True)
+    assert ref.text_encoder is None
+    for component, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                               ("text_encoder_2", "model")):
+        theirs = getattr(ref, component).state_dict()
+        saved = dict(S.W.iter_safetensors(refiner_dir / component / f"{weights}.safetensors"))
+        assert saved.keys() <= theirs.keys()
+        for k, v in saved.items():
+            np.testing.assert_array_equal(theirs[k].numpy(), v)
+
+
+@pytest.mark.extended
+def test_sample_program_reads_an_sdxl_model_file(sdxl_files, tmp_path, capsys):
+    """`sample.stable_diffusion --model-file BASE.safetensors --config-dir DIR` runs the SDXL
+    pipeline and writes the library's images (PNG rounding: within one 8-bit level)."""
+    from PIL import Image
+
+    from jaxdiff.pipelines import sdxl
+    from sample.stable_diffusion import main
+
+    base_dir, base_file, _, _ = sdxl_files
+    lat = _xl_noise((1, 4, 8, 8), 5)
+    np.save(tmp_path / "lat.npy", lat.transpose(0, 3, 1, 2))
+    paths = main(["--model-file", str(base_file), "--config-dir", str(base_dir), "--prompt", "a cat", "--steps", "3",
+                  "--guidance-scale", "5", "--dtype", "fp32", "--latents", str(tmp_path / "lat.npy"),
+                  "--out", str(tmp_path / "out")])
+    assert len(paths) == 1 and "sdxl" in capsys.readouterr().out
+    pipe, params = sdxl.load_sdxl_pipeline(base_dir, dtype=jnp.float32)
+    want = sdxl.generate(pipe, params, sdxl.tokenize_prompts(pipe, "a cat"), sdxl.micro_conditioning(pipe, 16, 16),
+                         jax.random.key(0), 5.0, config=sdxl.XLGenerateConfig(3, 16, 16), latents=lat)
+    got = np.asarray(Image.open(paths[0]), np.float32) / 255
+    np.testing.assert_allclose(got, np.asarray(want[0]), atol=1 / 255 + 1e-6)
