@@ -47,7 +47,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # LDM training buffers and EMA copies a checkpoint may carry beside the weights.
 _IGNORED_TOP = re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|"
                           r"posterior_\w+|logvar|model_ema\..*|first_stage_model\.loss\..*|"
-                          r"lvlb_weights|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$")
+                          r"lvlb_weights|denoiser\.(log_)?sigmas|"  # SDXL (sgm) files: the denoiser's sigma buffer
+                          r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$")
 
 FAMILIES = {"sd-v1": "SD 1.x", "sd-v2": "SD 2.x (v-prediction, 768 px)",
             "sd-v2-base": "SD 2.x (epsilon, 512 px)", "sdxl-base": "SDXL base (1024 px)",

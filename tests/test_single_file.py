@@ -398,7 +398,7 @@ def write_sdxl_single_file(folder, path):
     big_g["text_projection"] = projection.T
     prefix = "conditioner.embedders.0.model." if pipe.text_encoder is None else "conditioner.embedders.1.model."
     tensors.update({prefix + k: v for k, v in big_g.items()})
-    tensors["alphas_cumprod"] = np.linspace(1, 0.01, 1000).astype(np.float32)
+    tensors["denoiser.sigmas"] = np.linspace(14.6, 0.03, 1000).astype(np.float32)  # sgm's buffer
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
     return path
 
