@@ -1,7 +1,7 @@
 """SDXL fine-tuning with train.text_to_image on a tiny SDXL base folder built with diffusers:
 both text encoders (penultimate states + pooled projection, through the latent cache) and the
 time ids reach the UNet as the SDXL pipeline gives them, the loss decreases, --resume continues
-bit for bit, and the exported RUN/unet loads in diffusers' PyTorch UNet2DConditionModel with the
+bit for bit from a checkpoint, and the exported RUN/unet loads in diffusers' PyTorch UNet2DConditionModel with the
 same output (≤ 1e-4 relative, float32). A refiner folder is one error line."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import cached_batch, checkpoint_part, perturb, rel_err, run_args
+from helpers import assert_trees_equal, cached_batch, checkpoint_part, perturb, rel_err, run_args
 
 RTOL = 1e-4
 # SDXL's base layout at toy size (as tests/test_sdxl.py): 64 = 32 + 32 context, 6 time ids × 8 + 32 pooled.
@@ -116,14 +116,19 @@ def test_sdxl_fine_tune_uses_both_encoders_and_lowers_the_loss(full_run, sdxl_di
 
 
 @pytest.mark.extended
-def test_sdxl_resume_continues_bit_for_bit(full_run, sdxl_dir, caption_folder, tmp_path):
-    from helpers import assert_trees_equal
+def test_sdxl_resume_continues_bit_for_bit(full_run, tmp_path, capsys):
+    """The run stopped after its step-10 checkpoint (a copy without checkpoint 20), resumed, ends
+    where the uninterrupted run did: params, EMA (and the data position with them)."""
+    import shutil
 
     from train.text_to_image import main
 
     out = tmp_path / "split"
-    main(run_args(sdxl_dir, caption_folder, out, "--steps", "10", *COMMON, "--no-samples"))
-    main(["--out", str(out), "--resume", "--steps", "20", "--no-compile-cache", "--no-progress", "--no-samples"])
+    shutil.copytree(full_run, out, ignore=shutil.ignore_patterns("unet"))
+    shutil.rmtree(out / "checkpoints" / "20")
+    main(["--out", str(out), "--resume", "--no-compile-cache", "--no-progress", "--no-samples"])
+    assert "resumed from step 10" in capsys.readouterr().err
+    assert (out / "unet").is_dir()
     for part in ("params", "ema_params"):
         assert_trees_equal(checkpoint_part(out, 20, part)[0], checkpoint_part(full_run, 20, part)[0])
 
@@ -137,9 +142,7 @@ def test_sdxl_export_loads_in_diffusers_with_the_same_output(full_run):
 
     module, exported = load_unet_2d_condition(full_run / "unet")
     ema, _ = checkpoint_part(full_run, 20, "ema_params")
-    assert_equal = np.testing.assert_array_equal
-    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema)):
-        assert_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(exported, ema)  # the export holds the EMA weights
     ref = UNet2DConditionModel.from_pretrained(full_run / "unet").eval()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)

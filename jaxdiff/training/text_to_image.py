@@ -19,6 +19,9 @@ Batches (leading axis = this device's examples):
                  "encoders": {"vae": params, "text_encoder": params}}
     cached:     {"moments": float (b, R/8, R/8, 2·C) VAE posterior mean ‖ log-variance,
                  "context": float (b, L, D) text embeddings}
+SDXL (a `jaxdiff.pipelines.sdxl.StableDiffusionXL` pipe): input_ids (b, 2, L) of both tokenizers,
+context (b, L + 1, D1 + D2) = both encoders' penultimate states ‖ one row holding text_encoder_2's
+pooled projection (zero-padded), the time ids (R, R, 0, 0, R, R) from the latent size.
 Every random draw of an example comes from a key made of its index in the global batch, so
 both kinds of batch, and any number of devices or hosts, give the same numbers.
 """
@@ -164,8 +167,8 @@ def sdxl_time_ids(resolution: int) -> np.ndarray:
 
 
 def _sdxl_cond(pipe, packed: jax.Array) -> dict:
-    """The packed text embedding (b, L + 1, D) of `encode_text` → the SDXL UNet's cond dict
-    (context (b, L, D), text_embeds (b, P), time ids from the latent size)."""
+    """The packed text embedding (b, L + 1, D) of `encode_text` → context (b, L, D) and
+    text_embeds (b, P) of the SDXL UNet's cond dict (the loss adds the time ids)."""
     p = pipe.text_encoder_2.config.projection_dim
     return {"context": packed[:, :-1], "text_embeds": packed[:, -1, :p]}
 
