@@ -45,6 +45,11 @@ def _files_signature(folder: Path) -> list:
                   for p in folder.rglob("*") if p.is_file())
 
 
+# The folders a cache entry is computed from (SDXL's second encoder and tokenizer when present, so
+# SD caches keep their key).
+ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
 def cache_key(data, pipe, resolution: int, dtype: str) -> dict:
     """What the cache depends on; a cache with another key is rebuilt."""
     model = pipe.folder
@@ -55,7 +60,8 @@ def cache_key(data, pipe, resolution: int, dtype: str) -> dict:
         "num_captions": len(data.caption_strings),
         "resolution": int(resolution),
         "dtype": dtype,
-        "model": {c: _files_signature(Path(model) / c) for c in ("vae", "text_encoder", "tokenizer")}
+        "model": {c: _files_signature(Path(model) / c) for c in ENCODER_COMPONENTS
+                  if c in ("vae", "text_encoder", "tokenizer") or (Path(model) / c).is_dir()}
         if model is not None else None,
     }
 

@@ -168,10 +168,12 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     return pipe, params
 
 
-def load_single_file(file: str | os.PathLike, **kwargs) -> tuple[StableDiffusion, dict]:
-    """`(pipe, params)` from one original-layout `.safetensors` checkpoint (SD 1.x/2.x), the same
-    objects `load_pipeline` returns; `config_dir=`, `prediction_type=` and the dtype/scheduler
-    arguments of `load_pipeline` (see `jaxdiff.single_file.load_single_file`)."""
+def load_single_file(file: str | os.PathLike, **kwargs) -> tuple[Any, dict]:
+    """`(pipe, params)` from one original-layout `.safetensors` checkpoint: for SD 1.x/2.x the
+    `StableDiffusion` objects `load_pipeline` returns, for SDXL base/refiner files the
+    `sdxl.StableDiffusionXL` ones `sdxl.load_sdxl_pipeline` returns; `config_dir=`,
+    `prediction_type=` and the dtype/scheduler arguments of `load_pipeline` (see
+    `jaxdiff.single_file.load_single_file`)."""
     from jaxdiff.single_file import load_single_file as load
 
     return load(file, **kwargs)
