@@ -457,3 +457,24 @@ def test_prompt_rules_follow_diffusers(fixtures_dir):
     with pytest.raises(JaxdiffError, match="2 negative prompts for 1 prompts"):
         sdxl.tokenize_prompts(pipe, "a cat", ["x", "y"])
 
+
+
+@pytest.mark.extended
+def test_generate_sharded_over_the_mesh_equals_one_device(jax_sdxl):
+    """8 prompts split over the 8 test devices by `jit` (no pmap): the one-device images within
+    float tolerance, laid out over the devices; a batch that does not split is one error."""
+    from jaxdiff.pipelines import sdxl
+
+    (pipe, params), _ = jax_sdxl
+    prompts = [f"a photo of {i}" for i in range(8)]
+    cond = sdxl.micro_conditioning(pipe, 16, 16)
+    config = sdxl.XLGenerateConfig(2, 16, 16)
+    key = jax.random.key(0)
+    one = sdxl.generate(pipe, params, sdxl.tokenize_prompts(pipe, prompts), cond, key, 5.0, config=config)
+    sharded = sdxl.generate_sharded(pipe, params, sdxl.tokenize_prompts(pipe, prompts), cond, key, 5.0,
+                                    config=config)
+    assert len(sharded.sharding.device_set) == jax.device_count() == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(one), atol=1e-5)
+    with pytest.raises(JaxdiffError, match="split evenly over the mesh's 8 devices"):
+        sdxl.generate_sharded(pipe, params, sdxl.tokenize_prompts(pipe, prompts[:3]), cond, key, 5.0,
+                              config=config)

@@ -489,6 +489,30 @@ def generate(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, condition
                          latents, init_image, init_latents, steps)
 
 
+def generate_sharded(pipe: StableDiffusionXL, params: dict, prompt: PromptIds, conditioning: MicroConditioning,
+                     key, guidance_scale=5.0, *, mesh=None, latents=None, init_image=None, init_latents=None,
+                     **kwargs) -> jax.Array:
+    """`generate` with the batch split over the devices of `mesh` (default: every device on
+    `data`, `jaxdiff.parallel.mesh`): the same `jit` program as on one device, its per-image
+    inputs (token ids, (B, n) time ids, latents, init images) split along the batch and the
+    params replicated. The same images as `generate` with the same `key` (float tolerance),
+    laid out over the devices. B must split over the mesh's devices."""
+    from jax.sharding import NamedSharding
+
+    from jaxdiff.parallel import mesh as mesh_lib
+
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    arrays = _prompt_arrays(prompt)
+    prompt = arrays._replace(**mesh_lib.split_rows(
+        {f: getattr(arrays, f) for f in ("ids", "ids_2", "negative_ids", "negative_ids_2")}, mesh, "prompts"))
+    per_image = {f: t for f, t in conditioning._asdict().items() if np.ndim(t) == 2}
+    conditioning = conditioning._replace(**mesh_lib.split_rows(per_image, mesh, "time ids"))
+    rows = mesh_lib.split_rows({"latents": latents, "init_image": init_image, "init_latents": init_latents},
+                               mesh, "images")
+    params = jax.device_put(params, NamedSharding(mesh, mesh_lib.REPLICATED))
+    return generate(pipe, params, prompt, conditioning, key, guidance_scale, **rows, **kwargs)
+
+
 def _prompt_arrays(prompt: PromptIds) -> PromptIds:
     as_ids = (lambda a: None if a is None else jnp.asarray(a, jnp.int32))
     return PromptIds(as_ids(prompt.ids), as_ids(prompt.ids_2), as_ids(prompt.negative_ids),

@@ -482,18 +482,12 @@ def generate_sharded(pipe: StableDiffusion, params: dict, prompt_ids, negative_i
     from jaxdiff.parallel import mesh as mesh_lib
 
     mesh = mesh if mesh is not None else mesh_lib.make_mesh()
-    n = mesh.devices.size
-    if np.shape(prompt_ids)[0] % n:
-        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over the mesh's {n} devices; "
-                           f"use a multiple of {n}")
-    rows, whole = NamedSharding(mesh, mesh_lib.BATCH), NamedSharding(mesh, mesh_lib.REPLICATED)
-
-    def split(x, dtype=None):
-        return None if x is None else jax.device_put(jnp.asarray(x, dtype), rows)
-
-    return generate(pipe, jax.device_put(params, whole), split(prompt_ids, jnp.int32), split(negative_ids, jnp.int32),
-                    key, guidance_scale, latents=split(latents), init_image=split(init_image),
-                    init_latents=split(init_latents), **kwargs)
+    ids, neg = mesh_lib.split_rows((jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(negative_ids, jnp.int32)),
+                                   mesh, "prompts")
+    rows = mesh_lib.split_rows({"latents": latents, "init_image": init_image, "init_latents": init_latents},
+                               mesh, "images")
+    params = jax.device_put(params, NamedSharding(mesh, mesh_lib.REPLICATED))
+    return generate(pipe, params, ids, neg, key, guidance_scale, **rows, **kwargs)
 
 
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
