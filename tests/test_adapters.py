@@ -411,3 +411,26 @@ def test_training_program_trains_a_lora_that_diffusers_loads(sd, model_dir, capt
     config = sdp.GenerateConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     got = sdp.generate(pipe, trained, ids, neg, jax.random.key(0), 7.5, config=config, latents=nhwc(_latents(5)))
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+@pytest.mark.extended
+def test_a_lora_run_resumed_equals_an_uninterrupted_run(model_dir, caption_folder, tmp_path):
+    """A LoRA run stopped after its step-6 checkpoint and resumed to step 12 ends with the
+    adapters, their AdamW state and the exported adapter file of the run never stopped, bit for bit."""
+    from helpers import checkpoint_part, run_args
+
+    from jaxdiff.weights import iter_safetensors
+    from train.text_to_image import main
+
+    flags = ("--lr", "3e-3", "--cache-latents", "--cache-dtype", "float32", "--no-samples", "--best-metric",
+             "none", "--lora-rank", "4", "--lora-alpha", "8", "--checkpoint-every", "6")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    main(run_args(model_dir, caption_folder, whole, "--steps", "12", *flags))
+    main(run_args(model_dir, caption_folder, parts, "--steps", "6", *flags))
+    main(run_args(model_dir, caption_folder, parts, "--steps", "12", "--resume", *flags))
+    for part in ("params", "opt_state"):
+        assert_trees_equal(checkpoint_part(parts, 12, part)[0], checkpoint_part(whole, 12, part)[0])
+    files = [dict(iter_safetensors(run / "pytorch_lora_weights.safetensors")) for run in (whole, parts)]
+    assert sorted(files[0]) == sorted(files[1]) and files[0]
+    for name, value in files[0].items():
+        np.testing.assert_array_equal(files[1][name], value)
