@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from jaxdiff.data.batches import DataPosition, EpochOrder, check_global_batch
-from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline, load_dataset
+from jaxdiff.data.hub import open_dataset
 from jaxdiff.errors import JaxdiffError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -291,29 +291,7 @@ def load_hf_dataset(name: str, *, split: str = "train", caption_column: Optional
     (`trust_remote_code=False`). An image column of file paths (which the dataset, not the
     user, chose on this disk) is refused unless `allow_outside_paths`."""
     max_image_pixels = check_max_image_pixels(max_image_pixels)
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise JaxdiffError(f"training data {name!r}: no such folder, and loading it as a Hugging "
-                           "Face Hub dataset needs the datasets package (pip install datasets)") from None
-    offline = hf_offline() or not can_reach(HF_HOST, timeout)
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    try:
-        if offline:
-            os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-        ds = load_dataset(name, split=split)
-    except JaxdiffError:
-        raise
-    except Exception as e:  # network, cache and format errors: one line for the user
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
-        raise JaxdiffError(f"cannot load the dataset {name!r} split {split!r}{hint}: {msg}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    ds = open_dataset(name, split, timeout)
     columns = list(ds.column_names)
     where = f"dataset {name!r}"
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", where)

@@ -58,3 +58,34 @@ def load_dataset(name: str, **kwargs):
     if "trust_remote_code" in params:
         kwargs["trust_remote_code"] = False
     return datasets.load_dataset(name, **kwargs)
+
+
+def open_dataset(name: str, split: str, timeout: float):
+    """The `split` of Hub dataset `name` for a training program: only the local cache when
+    offline (no route to the Hub within `timeout` seconds, or the offline switches), so this never
+    hangs; every failure (datasets missing, network, cache, format) is one JaxdiffError line."""
+    from jaxdiff.errors import JaxdiffError
+
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise JaxdiffError(f"training data {name!r}: no such folder, and loading it as a Hugging Face "
+                           "dataset needs the datasets package (pip install datasets)") from None
+    offline = hf_offline() or not can_reach(HF_HOST, timeout)
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    try:
+        if offline:
+            os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+        return load_dataset(name, split=split)
+    except JaxdiffError:
+        raise
+    except Exception as e:  # network, cache and format errors: one line for the user
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
+        raise JaxdiffError(f"cannot load the dataset {name!r} split {split!r}{hint}: {msg}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -171,32 +171,10 @@ def load_hf_images(name: str, *, split: str = "train", image_column: Optional[st
     """A Hugging Face dataset of images (labels from `label_column` when it has one); only the
     local cache when offline; its own loading code never runs (`jaxdiff.data.hub`)."""
     from jaxdiff.data.captions import check_image_size
-    from jaxdiff.data.hub import HF_HOST, can_reach, hf_offline, load_dataset
+    from jaxdiff.data.hub import open_dataset
 
     max_image_pixels = check_max_image_pixels(max_image_pixels)
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise JaxdiffError(f"training data {name!r}: no such folder, and loading it as a Hugging Face "
-                           "dataset needs the datasets package (pip install datasets)") from None
-    offline = hf_offline() or not can_reach(HF_HOST, timeout)
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    try:
-        if offline:
-            os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-        ds = load_dataset(name, split=split)
-    except JaxdiffError:
-        raise
-    except Exception as e:  # network, cache and format errors: one line
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
-        raise JaxdiffError(f"cannot load the dataset {name!r} split {split!r}{hint}: {msg}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    ds = open_dataset(name, split, timeout)
     columns = list(ds.column_names)
     col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
     if col not in columns:
