@@ -183,12 +183,7 @@ def generate_parallel(pipe: DepthToImage, replicated_params: dict, prompt_ids, n
     """`generate` on every local device (`pmap`): rows d·b … d·b+b−1 of every batched input
     (a depth map: one per image) go to device d with `keys[d]`."""
     config = config or sd.GenerateConfig(strength=DEFAULT_STRENGTH)
-    n = parallel.device_count()
-    if np.shape(prompt_ids)[0] % n:
-        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over {n} devices; "
-                           f"use a multiple of {n}")
-    if len(keys) != n:
-        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+    n = sd.parallel_split(prompt_ids, keys)
     if depth_map is not None and np.shape(depth_map)[0] != np.shape(prompt_ids)[0]:
         depth_map = np.repeat(np.asarray(depth_map), np.shape(prompt_ids)[0] // np.shape(depth_map)[0], 0)
 

@@ -169,12 +169,7 @@ def generate_parallel(pipe: sd.StableDiffusion, replicated_params: dict, prompt_
                       masked_image_latents=None) -> jax.Array:
     """`generate` on every local device (`pmap`): rows d·b … d·b+b−1 of every batched input go to
     device d with `keys[d]` (as `stable_diffusion.generate_parallel`)."""
-    n = parallel.device_count()
-    if np.shape(prompt_ids)[0] % n:
-        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over {n} devices; "
-                           f"use a multiple of {n}")
-    if len(keys) != n:
-        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+    n = sd.parallel_split(prompt_ids, keys)
 
     def split(x, dtype=jnp.float32):
         return None if x is None else jnp.asarray(x, dtype).reshape((n, -1) + tuple(np.shape(x)[1:]))

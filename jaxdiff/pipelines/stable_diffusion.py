@@ -490,6 +490,18 @@ def generate_sharded(pipe: StableDiffusion, params: dict, prompt_ids, negative_i
     return generate(pipe, params, ids, neg, key, guidance_scale, **rows, **kwargs)
 
 
+def parallel_split(prompt_ids, keys) -> int:
+    """The local device count n, after checking that the prompts split evenly over the n devices
+    and that there is one key per device (every pipeline's `generate_parallel`)."""
+    n = parallel.device_count()
+    if np.shape(prompt_ids)[0] % n:
+        raise JaxdiffError(f"{np.shape(prompt_ids)[0]} prompts do not split evenly over {n} devices; "
+                           f"use a multiple of {n}")
+    if len(keys) != n:
+        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+    return n
+
+
 _generate_pmap = jax.pmap(_generate, axis_name="devices", static_broadcasted_argnums=(0, 1),
                           in_axes=(None, None, 0, 0, 0, 0, None, None, 0, 0, 0, None))
 
@@ -506,13 +518,8 @@ def generate_parallel(pipe: StableDiffusion, replicated_params: dict, prompt_ids
     `generate(pipe, params, prompt_ids[d·b:(d+1)·b], ..., keys[d])` returns.
     Returns (D·b, H, W, 3) images (or latents), on the devices.
     """
-    n = parallel.device_count()
     prompt_ids, negative_ids = np.asarray(prompt_ids, np.int32), np.asarray(negative_ids, np.int32)
-    if prompt_ids.shape[0] % n:
-        raise JaxdiffError(f"{prompt_ids.shape[0]} prompts do not split evenly over {n} devices; "
-                           f"use a multiple of {n}")
-    if len(keys) != n:
-        raise JaxdiffError(f"generate_parallel needs one key per device ({n}), got {len(keys)}")
+    n = parallel_split(prompt_ids, keys)
     if config.use_guidance_rescale is False and not _is_zero(guidance_rescale):
         config = dataclasses.replace(config, use_guidance_rescale=True)
 
